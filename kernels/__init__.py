@@ -1,0 +1,9 @@
+"""attnzoo.kernels: functional, autograd-capable ops in the (B, T, H, D) layout.
+
+Each op has a recurrent reference (the oracle, float64-capable), a torch chunked form (the CPU path) and a Triton
+kernel (CUDA), behind one function with ``backend="auto"|"reference"|"torch"|"triton"``.
+"""
+
+from attnzoo.kernels.dispatch import BACKENDS, choose_backend, triton_available
+
+__all__ = ["BACKENDS", "choose_backend", "triton_available"]
