@@ -1,5 +1,7 @@
 """attnzoo.layers: the attention registry, the contract, one file per attention, and the transformer blocks.
 
+Example::
+
     from attnzoo.layers import build_attention, list_attention
     layer = build_attention("softmax", dim=256, num_heads=4, causal=True, rope=True)
 """

@@ -1,19 +1,18 @@
 """The pre-norm residual transformer block shared by the GPT and encoder backbones.
 
-    x = x + drop_path(attn(norm1(x)))
-    x = x + drop_path(mlp(norm2(x)))          (skipped when mlp_ratio == 0, as in Mamba's mixer-only blocks)
+x = x + drop_path(attn(norm1(x)))
+x = x + drop_path(mlp(norm2(x)))          (skipped when mlp_ratio == 0, as in Mamba's mixer-only blocks)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from timm.layers import DropPath
-from torch import Tensor, nn
-
 from attnzoo.layers.mlp import create_mlp
 from attnzoo.layers.norm import create_norm
 from attnzoo.layers.registry import build_attention
+from timm.layers import DropPath
+from torch import Tensor, nn
 
 
 class Block(nn.Module):

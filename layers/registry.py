@@ -68,7 +68,9 @@ class Attention(nn.Module):
                 f"it has: {', '.join(sorted(self.patterns))}.{note}"
             )
         if not isinstance(dim, int) or not isinstance(num_heads, int) or dim <= 0 or num_heads <= 0:
-            raise ValueError(f"{label}: dim and num_heads must be positive integers; got dim={dim!r}, num_heads={num_heads!r}.")
+            raise ValueError(
+                f"{label}: dim and num_heads must be positive integers; got dim={dim!r}, num_heads={num_heads!r}."
+            )
         if dim % num_heads != 0:
             raise ValueError(
                 f"{label}: dim={dim} is not divisible by num_heads={num_heads}; "
@@ -100,7 +102,9 @@ class Attention(nn.Module):
             raise ValueError(f"{label}: x has no positions (T=0); pass at least one token.")
         if self.cross:
             if context is None:
-                raise ValueError(f"{label} was built with cross=True; pass context= of shape (B, S, {self.dim}).")
+                raise ValueError(
+                    f"{label} was built with cross=True; pass context= of shape (B, S, {self.dim})."
+                )
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.dim:
                 raise ValueError(
                     f"{label}: context must have shape (B={x.shape[0]}, S, dim={self.dim}); got {tuple(context.shape)}."
@@ -111,7 +115,9 @@ class Attention(nn.Module):
                     f"length as x; got T={x.shape[1]}, S={context.shape[1]}."
                 )
         elif context is not None:
-            raise ValueError(f"{label} is a self-attention layer (cross=False); build it with cross=True to pass context=.")
+            raise ValueError(
+                f"{label} is a self-attention layer (cross=False); build it with cross=True to pass context=."
+            )
         if padding_mask is not None:
             kv_len = context.shape[1] if self.cross else x.shape[1]
             expected = (x.shape[0], kv_len)
@@ -129,7 +135,9 @@ class Attention(nn.Module):
         """A fresh decoding state for ``batch_size`` sequences (causal layers only)."""
         label = self.name or type(self).__name__
         if not self.causal:
-            raise ValueError(f"{label} is not causal (pattern {self.pattern}); only causal layers decode incrementally.")
+            raise ValueError(
+                f"{label} is not causal (pattern {self.pattern}); only causal layers decode incrementally."
+            )
         raise NotImplementedError(f"{label} does not implement new_cache().")
 
     def state_size(self, seq_len: int) -> int:
@@ -158,9 +166,14 @@ def register_attention(name: str):
             raise TypeError(f"register_attention({name!r}) expects an Attention subclass; got {cls!r}.")
         bad = set(cls.patterns) - ALL_PATTERNS
         if bad or not cls.patterns:
-            raise ValueError(f"{cls.__name__}.patterns must be a non-empty subset of {PATTERNS}; got {sorted(cls.patterns)}.")
+            raise ValueError(
+                f"{cls.__name__}.patterns must be a non-empty subset of {PATTERNS}; got {sorted(cls.patterns)}."
+            )
         if name in _ATTENTION and _ATTENTION[name] is not cls:
-            warnings.warn(f"attention {name!r} re-registered: {_ATTENTION[name].__name__} -> {cls.__name__}", stacklevel=2)
+            warnings.warn(
+                f"attention {name!r} re-registered: {_ATTENTION[name].__name__} -> {cls.__name__}",
+                stacklevel=2,
+            )
         cls.name = name
         _ATTENTION[name] = cls
         return cls
@@ -201,7 +214,9 @@ def attention_options(cls: type[Attention]) -> dict[str, Any]:
     return {
         p.name: p.default
         for p in params.values()
-        if p.name != "self" and p.name not in CONTRACT_ARGS and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        if p.name != "self"
+        and p.name not in CONTRACT_ARGS
+        and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     }
 
 
@@ -224,12 +239,16 @@ def split_spec(spec: Any) -> tuple[str, dict[str, Any]]:
     if hasattr(spec, "items"):
         options = {str(k): v for k, v in spec.items()}
         if "name" not in options:
-            raise ValueError(f"an attention spec given as a mapping needs a 'name' key (one of {list_attention()}); got {options}.")
+            raise ValueError(
+                f"an attention spec given as a mapping needs a 'name' key (one of {list_attention()}); got {options}."
+            )
         name = options.pop("name")
         if hasattr(name, "__fspath__") or not isinstance(name, str):
             raise ValueError(f"attention spec 'name' must be a string; got {name!r}.")
         return name, _plain(options)
-    raise TypeError(f"an attention spec is a name or a mapping with a 'name' key; got {type(spec).__name__}: {spec!r}.")
+    raise TypeError(
+        f"an attention spec is a name or a mapping with a 'name' key; got {type(spec).__name__}: {spec!r}."
+    )
 
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +257,10 @@ def _plain(options: dict[str, Any]) -> dict[str, Any]:
         from omegaconf import DictConfig, ListConfig, OmegaConf
     except ImportError:  # the layers need only torch; without OmegaConf there is nothing to convert
         return options
-    return {k: OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v for k, v in options.items()}
+    return {
+        k: OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
+        for k, v in options.items()
+    }
 
 
 def build_attention(

@@ -11,12 +11,11 @@ noncausal_cross it is a locality prior between them. The math runs through ``F.s
 
 from __future__ import annotations
 
-from torch import Tensor, nn
-
 from attnzoo.layers.kv_cache import KVCache
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
 from attnzoo.layers.sdpa import sdpa
+from torch import Tensor, nn
 
 
 @register_attention("softmax")
@@ -91,7 +90,12 @@ class SoftmaxAttention(Attention):
         if cache is not None:
             k, v, key_mask = cache.update(k, v, padding_mask)
         o = sdpa(
-            q, k, v, causal=self.causal, key_mask=key_mask, q_offset=offset,
+            q,
+            k,
+            v,
+            causal=self.causal,
+            key_mask=key_mask,
+            q_offset=offset,
             dropout_p=self.attn_drop if self.training else 0.0,
         )  # (B, T, H, D)
         return self.proj_drop(self.proj(o.reshape(B, T, self.dim)))

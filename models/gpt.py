@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from attnzoo.layers import Block, create_norm
 from attnzoo.models.specs import per_layer
+from torch import Tensor, nn
 
 POSITIONS = ("none", "learned")
 
@@ -71,7 +70,14 @@ class GPT(nn.Module):
         specs = per_layer(attention, depth)
         self.blocks = nn.ModuleList(
             Block(
-                dim, num_heads, spec, causal=True, mlp=mlp, mlp_ratio=mlp_ratio, norm=norm, dropout=dropout,
+                dim,
+                num_heads,
+                spec,
+                causal=True,
+                mlp=mlp,
+                mlp_ratio=mlp_ratio,
+                norm=norm,
+                dropout=dropout,
                 drop_path=drop_path * i / max(depth - 1, 1),
             )
             for i, spec in enumerate(specs)
@@ -121,7 +127,7 @@ class GPT(nn.Module):
         """
         if idx.dim() != 2:
             raise ValueError(f"GPT: idx must be (B, T) token ids; got shape {tuple(idx.shape)}.")
-        B, T = idx.shape
+        _B, T = idx.shape
         if self.pos_emb is not None and offset + T > self.max_seq_len:
             raise ValueError(
                 f"GPT: sequence of {offset + T} tokens is longer than max_seq_len={self.max_seq_len} of the learned "
