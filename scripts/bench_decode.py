@@ -1,0 +1,112 @@
+"""Decode latency of GPT with each causal attention: per-token time at growing contexts, and whole generations.
+
+For every attention with ``causal_self`` (or the ones named), a GPT of the given size is prefilled with a context of
+each length through its per-layer caches, then ``--steps`` single-token steps are timed (median of their times). A
+recurrent layer keeps a constant-size state, so its per-token time should not grow with the context; softmax reads
+a KV cache that grows with it. The ``ratio`` column is the per-token time at the longest context over the shortest.
+A second table gives tokens/s of a whole ``generate`` call (prompt + new tokens, sampling included).
+
+    python scripts/bench_decode.py --attention softmax gla mamba --contexts 256 1024 4096 --out bench_results/decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from attnzoo.layers import list_attention
+from attnzoo.models import GPT
+
+
+def per_token_ms(model: GPT, context: int, steps: int, vocab: int) -> float:
+    caches = model.new_caches(1)
+    prompt = torch.randint(0, vocab, (1, context))
+    with torch.no_grad():
+        model(prompt, caches=caches)
+        token, times = prompt[:, -1:], []
+        for i in range(steps):
+            start = time.perf_counter()
+            logits = model(token, caches=caches, offset=context + i)
+            times.append(time.perf_counter() - start)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+    return 1e3 * statistics.median(times[1:] if steps > 2 else times)
+
+
+def generation_tokens_per_s(model: GPT, prompt_len: int, new_tokens: int, vocab: int) -> float:
+    prompt = torch.randint(0, vocab, (1, prompt_len))
+    start = time.perf_counter()
+    model.generate(prompt, new_tokens, temperature=1.0, top_k=50)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attention", nargs="*", default=None, help="names (default: every causal_self attention)")
+    parser.add_argument("--contexts", nargs="*", type=int, default=[256, 1024, 4096, 8192])
+    parser.add_argument("--steps", type=int, default=16, help="timed single-token steps per context")
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated in the tokens/s table")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench_results/decode"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    names = args.attention or list_attention("causal_self")
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = GPT(args.vocab, dim=args.dim, depth=args.depth, num_heads=args.heads, attention=name).eval()
+        ms = {c: per_token_ms(model, c, args.steps, args.vocab) for c in args.contexts}
+        tps = generation_tokens_per_s(model, 16, args.new_tokens, args.vocab)
+        state = model.blocks[0].attn.state_size(max(args.contexts)) * args.depth
+        rows.append({"attention": name, "ms_per_token": ms, "generate_tokens_per_s": tps, "state_size": state})
+        cols = "  ".join(f"{c}: {v:.2f} ms" for c, v in ms.items())
+        print(f"{name:>16}  {cols}  ratio {ms[max(ms)] / ms[min(ms)]:.2f}  generate {tps:.1f} tok/s", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode.json").write_text(
+        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
+    )
+    lo, hi = min(args.contexts), max(args.contexts)
+    header = "| attention | " + " | ".join(f"ms/token @ {c}" for c in args.contexts)
+    header += f" | {hi}/{lo} | generate tok/s | state @ {hi} |"
+    lines = [header, "|" + "---|" * (len(args.contexts) + 4)]
+    for r in rows:
+        ms = r["ms_per_token"]
+        cells = " | ".join(f"{ms[c]:.2f}" for c in args.contexts)
+        tail = f"{ms[hi] / ms[lo]:.2f} | {r['generate_tokens_per_s']:.1f} | {r['state_size']:,}"
+        lines.append(f"| {r['attention']} | {cells} | {tail} |")
+    table = "\n".join(lines)
+    (args.out / "decode.md").write_text(
+        f"GPT dim={args.dim} depth={args.depth} heads={args.heads}, batch 1, {args.threads} threads, fp32; "
+        f"median of {args.steps} steps.\n\n{table}\n"
+    )
+    print("\n" + table)
+    _plot(rows, args.contexts, args.out / "decode.png")
+
+
+def _plot(rows: list[dict], contexts: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.plot(contexts, [r["ms_per_token"][c] for c in contexts], marker="o", label=r["attention"])
+    ax.set(xscale="log", yscale="log", xlabel="context length", ylabel="ms per generated token", title="GPT decode")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
