@@ -5,5 +5,6 @@ kernel (CUDA), behind one function with ``backend="auto"|"reference"|"torch"|"tr
 """
 
 from attnzoo.kernels.dispatch import BACKENDS, choose_backend, triton_available
+from attnzoo.kernels.linear_attn import linear_attn
 
-__all__ = ["BACKENDS", "choose_backend", "triton_available"]
+__all__ = ["BACKENDS", "choose_backend", "linear_attn", "triton_available"]
