@@ -1,0 +1,113 @@
+"""Linear attention — Katharopoulos et al. 2020, "Transformers are RNNs: Fast Autoregressive Transformers with Linear
+Attention", https://arxiv.org/abs/2006.16236
+
+    phi(x) = elu(x) + 1  (> 0)
+    o_i = phi(q_i) S / (phi(q_i) . z + eps),   S = sum_j phi(k_j)^T v_j,   z = sum_j phi(k_j)
+
+with the sums over j <= i for causal patterns (streaming: S_t = S_{t-1} + phi(k_t)^T v_t, z_t = z_{t-1} + phi(k_t)),
+over all keys otherwise. No 1/sqrt(D) scale (the paper's form; a scale on q would cancel in the ratio except against
+eps). Defaults: eps = 1e-6 (paper / fast-transformers), projections with bias as fast-transformers' AttentionLayer
+(``nn.Linear`` defaults). Padded keys get zero features, so they leave both S and z untouched. The math runs through
+:func:`attnzoo.kernels.linear_attn` (chunked on CPU, O(T) time and memory). Math: specs/attention.md §7.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnzoo.kernels import linear_attn
+from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
+
+
+def elu_feature_map(x: Tensor) -> Tensor:
+    """phi(x) = elu(x) + 1, computed in float32 at least (it feeds float32 state sums)."""
+    return F.elu(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x) + 1
+
+
+@dataclass
+class LinearAttentionCache:
+    """Constant-size decoding state: per head S (K x V) and z (K), stored together as (B, H, K, V + 1) float32."""
+
+    batch_size: int
+    state: Tensor | None = None  # (B, H, K, V + 1), last column = z; allocated by the first forward
+    length: int = 0
+
+
+@register_attention("linear")
+class LinearAttention(Attention):
+    """Linear attention with elu+1 features (Katharopoulos et al. 2020); O(T), constant-size decoding state."""
+
+    patterns = ALL_PATTERNS
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        causal: bool = False,
+        cross: bool = False,
+        eps: float = 1e-6,
+        bias: bool = True,
+    ) -> None:
+        """
+        Args:
+            dim: model width.
+            num_heads: heads; head_dim = dim // num_heads is both the feature and the value dimension.
+            causal: query i sees keys j <= i.
+            cross: keys/values from ``context``.
+            eps: added to the denominator phi(q) . z (paper: 1e-6).
+            bias: bias in the q/k/v/o projections (fast-transformers' AttentionLayer uses nn.Linear's default, True).
+        """
+        super().__init__(dim, num_heads, causal=causal, cross=cross)
+        if not eps >= 0:
+            raise ValueError(f"linear: eps must be >= 0; got {eps!r}.")
+        self.eps = eps
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        self.o_proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        context: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        cache: LinearAttentionCache | None = None,
+    ) -> Tensor:
+        self.check_inputs(x, context, padding_mask, cache)
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        source = context if self.cross else x
+        S = source.shape[1]
+        q = elu_feature_map(self.q_proj(x).view(B, T, H, D))  # (B, T, H, D)
+        k = elu_feature_map(self.k_proj(source).view(B, S, H, D))  # (B, S, H, D)
+        v = self.v_proj(source).view(B, S, H, D)  # (B, S, H, D)
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"linear: the cache was made for batch size {cache.batch_size}; got a batch of {B}.")
+        if padding_mask is not None:  # zero the key features: a padded key adds nothing to S or z
+            k = k * padding_mask[:, :, None, None]
+        o, state = linear_attn(
+            q,
+            k,
+            v,
+            causal=self.causal,
+            eps=self.eps,
+            initial_state=None if cache is None else cache.state,
+            output_final_state=cache is not None,
+        )
+        if cache is not None:
+            cache.state, cache.length = state, cache.length + T
+        return self.o_proj(o.reshape(B, T, self.dim))
+
+    def new_cache(self, batch_size: int) -> LinearAttentionCache:
+        if not self.causal:
+            return super().new_cache(batch_size)  # raises: only causal layers decode
+        return LinearAttentionCache(batch_size)
+
+    def state_size(self, seq_len: int) -> int:
+        return self.num_heads * self.head_dim * (self.head_dim + 1)  # S and z per head, independent of seq_len
