@@ -32,6 +32,7 @@ from attnzoo.layers import softmax  # noqa: E402, I001  isort: skip
 from attnzoo.layers import moh  # noqa: E402, I001  isort: skip
 from attnzoo.layers import linear  # noqa: E402, I001  isort: skip
 from attnzoo.layers import based  # noqa: E402, I001  isort: skip
+from attnzoo.layers import performer  # noqa: E402, I001  isort: skip
 
 __all__ = [
     "ALL_PATTERNS",
