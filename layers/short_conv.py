@@ -67,7 +67,7 @@ class ShortConvolution(nn.Conv1d):
                 raise ValueError("ShortConvolution: reverse=True runs over a whole sequence; pass no state.")
             y, new_state = self.forward(x.flip(1))
             return y.flip(1), new_state
-        B, T, C = x.shape
+        B, _, C = x.shape
         width = self.state_width
         xt = x.transpose(1, 2)  # (B, C, T): conv1d wants time last
         if state is None:
