@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo.kernels import linear_attn
@@ -24,8 +23,14 @@ from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 
 
 def elu_feature_map(x: Tensor) -> Tensor:
-    """phi(x) = elu(x) + 1, computed in float32 at least (it feeds float32 state sums)."""
-    return F.elu(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x) + 1
+    """phi(x) = elu(x) + 1, computed in float32 at least (it feeds float32 state sums).
+
+    Written as x + 1 for x > 0 and exp(x) otherwise: the same function, but ``(exp(x) - 1) + 1`` rounds to 0 below
+    x ~ -17 in float32, while exp(x) stays positive (and relatively exact) down to its underflow.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return torch.where(x > 0, x + 1, torch.exp(x.clamp(max=0)))
 
 
 @dataclass
