@@ -30,15 +30,10 @@ from attnzoo.layers.sdpa import sdpa
 # importing a layer module registers it
 from attnzoo.layers import softmax  # noqa: E402, I001  isort: skip
 from attnzoo.layers import moh  # noqa: E402, I001  isort: skip
-from attnzoo.layers import gated_softmax  # noqa: E402, I001  isort: skip
 from attnzoo.layers import linear  # noqa: E402, I001  isort: skip
 from attnzoo.layers import based  # noqa: E402, I001  isort: skip
 from attnzoo.layers import sliding_window  # noqa: E402, I001  isort: skip
 from attnzoo.layers import performer  # noqa: E402, I001  isort: skip
-from attnzoo.layers import cosformer  # noqa: E402, I001  isort: skip
-from attnzoo.layers import gla  # noqa: E402, I001  isort: skip
-from attnzoo.layers import retnet  # noqa: E402, I001  isort: skip
-from attnzoo.layers import mamba2  # noqa: E402, I001  isort: skip
 
 __all__ = [
     "ALL_PATTERNS",
