@@ -1,0 +1,53 @@
+"""attnzoo.data: Lightning DataModules for the training tasks, selected by name from the ``data`` config group.
+
+Every DataModule offers ``model_kwargs()``: what the backbone needs from the data (GPT: ``vocab_size``,
+``max_seq_len``), merged under the explicit model config. LM batches are dicts of ``input_ids`` (B, T) long,
+``labels`` (B, T) long with -100 = ignored, and optionally ``padding_mask`` (B, T) bool (True = real token).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from attnzoo.data.cache import cache_path, cached_tensors, config_hash
+from attnzoo.data.mqar import MQARDataModule, generate_mqar
+from attnzoo.errors import unknown
+
+DATAMODULES: dict[str, type] = {
+    "mqar": MQARDataModule,
+}
+
+
+def build_datamodule(data_cfg: Any):
+    """Build the DataModule named by ``data_cfg.name`` (or ``data_cfg["name"]``) with the other keys as kwargs."""
+    options = {str(k): v for k, v in dict(data_cfg).items()}
+    name = options.pop("name", None)
+    if name not in DATAMODULES:
+        raise ValueError(unknown("data set", name, DATAMODULES))
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        options = {
+            k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+            for k, v in options.items()
+        }
+    except ImportError:
+        pass  # plain dicts need no conversion
+    cls = DATAMODULES[name]
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for key in options:
+        if key not in valid:
+            raise TypeError(f"data set {name}: " + unknown("option", key, valid))
+    return cls(**options)
+
+
+__all__ = [
+    "DATAMODULES",
+    "MQARDataModule",
+    "build_datamodule",
+    "cache_path",
+    "cached_tensors",
+    "config_hash",
+    "generate_mqar",
+]

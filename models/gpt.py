@@ -23,6 +23,8 @@ POSITIONS = ("none", "learned")
 class GPT(nn.Module):
     """Decoder-only LM with per-layer attention (one spec, or a list with one spec per layer)."""
 
+    task = "lm"  # the training task that fits this backbone (attnzoo.training.TASKS)
+
     def __init__(
         self,
         vocab_size: int,
