@@ -158,7 +158,7 @@ def test_query_norm_router():
     mha = build_attention("softmax", dim=DIM, num_heads=HEADS).double().eval()
     mha.load_state_dict(layer.state_dict())
     heads = {}
-    mha.proj.register_forward_pre_hook(lambda m, a: heads.setdefault("o", a[0]))
+    mha.proj.register_forward_pre_hook(lambda m, a: heads.update(o=a[0]))
     mha(x)
     ref = layer.proj(heads["o"].view(2, 9, HEADS, -1).mul(routing.gates[..., None]).flatten(2))
     torch.testing.assert_close(out, ref, **F64)
@@ -167,7 +167,7 @@ def test_query_norm_router():
 @pytest.mark.parametrize(
     "options,match",
     [
-        (dict(router="learnt"), "unknown router 'learnt'. Did you mean 'learned'"),
+        (dict(router="learnt"), r"unknown router 'learnt'\. Did you mean 'learned'"),
         (dict(shared_heads=9), r"shared_heads must be an integer in \[0, num_heads=8\]"),
         (dict(shared_heads=4, routed_heads=5), r"routed_heads \(top-k\) must be an integer in \[0, .* = 4\]"),
         (dict(shared_heads=4, routed_heads=0), "routed_heads=0 would never use the 4 routed heads"),
