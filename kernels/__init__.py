@@ -5,6 +5,7 @@ kernel (CUDA), behind one function with ``backend="auto"|"reference"|"torch"|"tr
 """
 
 from attnzoo.kernels.dispatch import BACKENDS, choose_backend, triton_available
+from attnzoo.kernels.gla import gla, simple_gla
 from attnzoo.kernels.linear_attn import linear_attn
 
-__all__ = ["BACKENDS", "choose_backend", "linear_attn", "triton_available"]
+__all__ = ["BACKENDS", "choose_backend", "gla", "linear_attn", "simple_gla", "triton_available"]

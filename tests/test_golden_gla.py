@@ -1,0 +1,34 @@
+"""Golden vectors for the GLA ops: FLA 0.6.0's naive recurrences (``naive_recurrent_gla``,
+``naive_recurrent_simple_gla``) on saved float32 inputs, replayed through ``attnzoo.kernels.gla`` / ``simple_gla``
+with the saved initial state (see /work/shared/golden/GOLDEN.md, section gla.pt)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnzoo.kernels import gla, simple_gla
+
+GOLDEN = torch.load(Path(__file__).parent / "golden" / "gla.pt", weights_only=True)
+BACKENDS = ["reference", "torch", pytest.param("triton", id="triton-interpreter")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op,case,gate", [(gla, "gla", "gk"), (simple_gla, "simple_gla", "g")], ids=["gla", "simple"])
+def test_matches_fla_naive_recurrence(op, case, gate, backend):
+    d, c = GOLDEN, GOLDEN[case]
+    o, final = op(
+        d["q"],
+        d["k"],
+        d["v"],
+        c[gate],
+        initial_state=c["initial_state"],
+        output_final_state=True,
+        backend=backend,
+        chunk_size=16 if backend == "triton" else 64,
+    )
+    assert d["meta"]["scale"] == d["q"].shape[-1] ** -0.5  # the file used the default scale, as we do
+    torch.testing.assert_close(o, c["o"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final, c["final_state"], atol=1e-5, rtol=1e-5)
