@@ -4,6 +4,7 @@ with the saved initial state (see /work/shared/golden/GOLDEN.md, section gla.pt)
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,12 @@ import torch
 from attnzoo.kernels import gla, simple_gla
 
 GOLDEN = torch.load(Path(__file__).parent / "golden" / "gla.pt", weights_only=True)
-BACKENDS = ["reference", "torch", pytest.param("triton", id="triton-interpreter")]
+HAS_TRITON = importlib.util.find_spec("triton") is not None and importlib.util.find_spec("attnzoo.kernels.gla.triton")
+BACKENDS = [
+    "reference",
+    "torch",
+    pytest.param("triton", id="triton-interpreter", marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton")),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
