@@ -39,12 +39,22 @@ from attnzoo.kernels import linear_attn
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 
 
-def _angles(start: int, length: int, M: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """sin and cos of t_i = pi/2 * i / M for positions i = start + 1 .. start + length, each (length, 1, 1)."""
-    # float64 whatever the compute dtype, in the official order (pi/2 * i) / M, so float64 results match it bitwise
-    index = math.pi / 2 * torch.arange(start + 1, start + length + 1, dtype=torch.float64, device=device)
-    angle = (index / M)[:, None, None]
-    return angle.sin().to(dtype), angle.cos().to(dtype)
+def reweighted_features(x: Tensor, *, offset: int, M: int) -> Tensor:
+    """[x sin t_i, x cos t_i] with t_i = pi/2 * i / M for positions i = offset + 1 .. offset + T.
+
+    Args:
+        x: (B, T, H, D) non-negative features relu(q) or relu(k).
+        offset: positions before x[:, 0].
+        M: the re-weighting horizon (``max_len``).
+
+    Returns:
+        (B, T, H, 2D), so that ``f(q)_i . f(k)_j = relu(q_i) . relu(k_j) * cos(pi/2 * (i - j) / M)``.
+    """
+    T = x.shape[1]
+    # angles in float64 whatever the compute dtype, in the official order (pi/2 * i) / M: float64 matches it bitwise
+    index = math.pi / 2 * torch.arange(offset + 1, offset + T + 1, dtype=torch.float64, device=x.device)
+    angle = (index / M)[:, None, None]  # (T, 1, 1)
+    return torch.cat([x * angle.sin().to(x.dtype), x * angle.cos().to(x.dtype)], dim=-1)
 
 
 def cosformer_attention(
@@ -98,10 +108,8 @@ def cosformer_attention(
     # features, sums and the denominator in float32 even under bf16/fp16 autocast
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
-        sin_q, cos_q = _angles(offset, T, M, acc, q.device)
-        sin_k, cos_k = _angles(offset, S, M, acc, q.device)
-        q_feat = torch.cat([q * sin_q, q * cos_q], dim=-1)  # (B, T, H, 2D)
-        k_feat = torch.cat([k * sin_k, k * cos_k], dim=-1)  # (B, S, H, 2D)
+        q_feat = reweighted_features(q, offset=offset, M=M)  # (B, T, H, 2D)
+        k_feat = reweighted_features(k, offset=offset, M=M)  # (B, S, H, 2D)
         if padding_mask is not None:
             k_feat = k_feat * padding_mask[:, :, None, None]
         v_ext = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, S, H, V + 1): last column -> z
