@@ -1,0 +1,285 @@
+"""Gated Linear Attention — Yang et al. 2023, "Gated Linear Attention Transformers with Hardware-Efficient
+Training", https://arxiv.org/abs/2312.06635
+
+Per head, with a data-dependent forget gate per key channel (specs/attention.md §3):
+
+    log_decay_t = max(logsigmoid(W_2 W_1 x_t + b) / gate_logit_normalizer, clamp_min)       (<= 0, float32)
+    S_t = diag(exp(log_decay_t)) S_{t-1} + k_t^T v_t,      o_t = K^-1/2 * q_t S_t
+    out_t = o_proj( Norm_head(o_t) * swish(g_proj(x_t)) )
+
+Defaults are fla-org/flash-linear-attention ``fla/layers/gla.py`` (``GatedLinearAttention``): expand_k 0.5,
+expand_v 1, low-rank gate 16, normalizer 16, RMSNorm per head with eps 1e-5, swish output gate, no short convolution
+(conv_size 4 when on), GQA by repeating each key/value head over consecutive query heads. Parameter names are FLA's
+(``q_proj k_proj v_proj g_proj gk_proj.0 gk_proj.1 o_proj g_norm q_conv1d k_conv1d v_conv1d``), so an FLA checkpoint
+loads with one rename (FLA's fused ``g_norm_swish_gate.weight`` is our ``g_norm.weight``). Initialisation is FLA's
+``GLAPreTrainedModel._init_weights``: Linear and Conv1d weights N(0, 0.02), biases zero (FLA's newer configs use
+std 0.006; the paper-era 0.02 is kept, specs/attention.md §3). The scan is ``attnzoo.kernels.gla``.
+
+Patterns: ``causal_self`` (constant-size cache: the (B, H, K, V) state plus the convolution inputs) and
+``noncausal_self`` as a bidirectional layer: the forward scan plus a scan over the reversed sequence, summed before the
+norm, with every projection shared (layers/bidirectional.py has the exact equation). A padded position neither writes
+nor decays the state (k = v = 0, log-decay 0, and its input zeroed before the convolution), in both directions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnzoo.errors import unknown
+from attnzoo.kernels import gla
+from attnzoo.layers.bidirectional import scan_both_ways
+from attnzoo.layers.registry import Attention, register_attention
+from attnzoo.layers.short_conv import ShortConvolution
+
+GATE_FNS = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid, "gelu": F.gelu}
+NORMS = {"rmsnorm": nn.RMSNorm, "layernorm": nn.LayerNorm}
+
+
+def float32_at_least(t: Tensor) -> Tensor:
+    """Gates and states in float32 under half precision; float64 stays float64 (exact tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def init_fla_(module: nn.Module, std: float = 0.02) -> None:
+    """FLA's ``_init_weights``: every Linear / Conv1d weight N(0, std), every bias zero."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def repeat_kv_heads(t: Tensor, groups: int) -> Tensor:
+    """(B, T, H_kv, D) -> (B, T, H_kv * groups, D), kv head h serving query heads h*groups .. h*groups+groups-1
+    (FLA's ``'... (h d) -> ... (h g) d'``)."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=2)
+
+
+def head_norm(norm_type: str, head_dim: int, eps: float, elementwise_affine: bool) -> nn.Module:
+    """The per-head output norm over V channels: ``rmsnorm`` (FLA) or ``layernorm`` (the GLA paper's "group norm")."""
+    return NORMS[norm_type](head_dim, eps=eps, elementwise_affine=elementwise_affine)
+
+
+def norm_and_gate(norm: nn.Module, gate_fn, o: Tensor, g: Tensor | None) -> Tensor:
+    """``norm(o) * gate_fn(g)`` per head (FLA's ``FusedRMSNormGated`` for swish), in float32 at least as FLA keeps
+    ``g_norm`` in float32; only the norm when ``gate_fn`` is None. o, g: (B, T, H, V)."""
+    with torch.autocast(o.device.type, enabled=False):
+        out = norm(float32_at_least(o))
+        if gate_fn is not None:
+            out = out * gate_fn(float32_at_least(g))
+    return out.to(o.dtype)
+
+
+@dataclass
+class GLACache:
+    """Decoding state of one :class:`GatedLinearAttention` layer.
+
+    Attributes:
+        batch_size: B, fixed at creation.
+        state: (B, H, K, V) recurrent state, float32 (float64 for a float64 layer); None before the first call.
+        conv_states: the q, k, v convolution inputs (B, C, conv_size - 1) each, or None (no short conv / no call yet).
+        length: positions consumed so far.
+    """
+
+    batch_size: int
+    state: Tensor | None = None
+    conv_states: tuple[Tensor, Tensor, Tensor] | None = None
+    length: int = 0
+
+
+def check_cache(label: str, cache: object, cache_type: type, x: Tensor) -> None:
+    if not isinstance(cache, cache_type):
+        raise TypeError(f"{label}: cache must come from this layer's new_cache(); got {type(cache).__name__}.")
+    if cache.batch_size != x.shape[0]:
+        raise ValueError(
+            f"{label}: the cache was made for batch_size={cache.batch_size}, but x has B={x.shape[0]}; "
+            f"call new_cache({x.shape[0]})."
+        )
+
+
+@register_attention("gla")
+class GatedLinearAttention(Attention):
+    """Gated linear attention (GLA): linear attention with a data-dependent per-channel forget gate; FLA defaults."""
+
+    patterns = frozenset({"causal_self", "noncausal_self"})
+    pattern_note = "GLA's decay orders the keys, so there is no cross-attention form."
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        causal: bool = False,
+        cross: bool = False,
+        expand_k: float = 0.5,
+        expand_v: float = 1.0,
+        num_kv_heads: int | None = None,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        use_output_gate: bool = True,
+        gate_fn: str = "swish",
+        norm_type: str = "rmsnorm",
+        elementwise_affine: bool = True,
+        norm_eps: float = 1e-5,
+        gate_logit_normalizer: float = 16.0,
+        gate_low_rank_dim: int = 16,
+        clamp_min: float | None = None,
+        chunk_size: int = 64,
+        backend: str = "auto",
+    ) -> None:
+        """
+        Args:
+            dim: model width D.
+            num_heads: H query heads.
+            causal: True = causal_self with a recurrent cache; False = the bidirectional layer.
+            cross: must be False (no cross pattern).
+            expand_k: D_k = int(D * expand_k), split over the heads (K = D_k / H).
+            expand_v: D_v = int(D * expand_v) (V = D_v / H).
+            num_kv_heads: heads of k, v and the gate (GQA); None = num_heads. Must divide num_heads.
+            use_short_conv: depthwise causal convolution + SiLU on q, k, v (FLA's ShortConvolution).
+            conv_size: its window.
+            conv_bias: its bias.
+            use_output_gate: multiply the normalised output by gate_fn(g_proj(x)).
+            gate_fn: ``swish`` (= ``silu``), ``sigmoid`` or ``gelu``.
+            norm_type: per-head ``rmsnorm`` (FLA) or ``layernorm`` (the paper's per-head "group norm").
+            elementwise_affine: learnable scale (and bias for layernorm) in the per-head norm.
+            norm_eps: epsilon of the per-head norm.
+            gate_logit_normalizer: tau in log_decay = logsigmoid(.) / tau (pushes the decay towards 1).
+            gate_low_rank_dim: rank of the forget-gate projection D -> r -> D_k.
+            clamp_min: lower bound on log_decay (None = none), e.g. -5 to keep some memory.
+            chunk_size: chunk length of the scan kernel (results do not depend on it).
+            backend: kernel backend, ``auto``/``reference``/``torch``/``triton``.
+        """
+        super().__init__(dim, num_heads, causal=causal, cross=cross)
+        label = self.name
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if not isinstance(self.num_kv_heads, int) or self.num_kv_heads <= 0 or num_heads % self.num_kv_heads:
+            raise ValueError(f"{label}: num_kv_heads must divide num_heads={num_heads}; got {num_kv_heads!r}.")
+        self.key_dim, self.value_dim = int(dim * expand_k), int(dim * expand_v)
+        if self.key_dim % num_heads or self.value_dim % num_heads or not self.key_dim or not self.value_dim:
+            raise ValueError(
+                f"{label}: int(dim * expand_k) = {self.key_dim} and int(dim * expand_v) = {self.value_dim} must be "
+                f"positive multiples of num_heads={num_heads}; change expand_k / expand_v (dim={dim})."
+            )
+        if gate_fn not in GATE_FNS:
+            raise ValueError(f"{label}: " + unknown("gate_fn", gate_fn, GATE_FNS))
+        if norm_type not in NORMS:
+            raise ValueError(f"{label}: " + unknown("norm_type", norm_type, NORMS))
+        if gate_logit_normalizer <= 0:
+            raise ValueError(f"{label}: gate_logit_normalizer must be > 0; got {gate_logit_normalizer!r}.")
+        if clamp_min is not None and clamp_min >= 0:
+            raise ValueError(f"{label}: clamp_min bounds a log-decay (<= 0) from below; use a negative value or None.")
+        self.kv_groups = num_heads // self.num_kv_heads
+        self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
+        kv_key_dim, kv_value_dim = self.key_dim // self.kv_groups, self.value_dim // self.kv_groups
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.clamp_min = clamp_min
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_value_dim, bias=False)
+        self.g_proj = nn.Linear(dim, self.value_dim, bias=False) if use_output_gate else None
+        self.use_short_conv = use_short_conv
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, bias=conv_bias)
+            self.k_conv1d = ShortConvolution(kv_key_dim, conv_size, bias=conv_bias)
+            self.v_conv1d = ShortConvolution(kv_value_dim, conv_size, bias=conv_bias)
+        # low-rank forget gate (GLA paper §4.4): D -> 16 -> D_k, bias on the second map only
+        self.gk_proj = nn.Sequential(
+            nn.Linear(dim, gate_low_rank_dim, bias=False), nn.Linear(gate_low_rank_dim, kv_key_dim, bias=True)
+        )
+        self.g_norm = head_norm(norm_type, self.head_v_dim, norm_eps, elementwise_affine)
+        self.gate_fn = GATE_FNS[gate_fn] if use_output_gate else None
+        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+        init_fla_(self)
+
+    def log_decay(self, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, T, H_kv, K) log forget gate in float32: logsigmoid(gk_proj(x)) / tau, clamped."""
+        logits = float32_at_least(self.gk_proj(x))
+        # logsigmoid, not log(sigmoid): finite for very negative logits
+        log_decay = F.logsigmoid(logits) / self.gate_logit_normalizer
+        if self.clamp_min is not None:
+            log_decay = log_decay.clamp_min(self.clamp_min)
+        return log_decay.view(*x.shape[:2], self.num_kv_heads, self.head_k_dim)
+
+    def _heads(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = q.shape
+        q = q.view(B, T, self.num_heads, self.head_k_dim)  # (B, T, H, K)
+        k = k.view(B, T, self.num_kv_heads, self.head_k_dim)  # (B, T, H_kv, K)
+        v = v.view(B, T, self.num_kv_heads, self.head_v_dim)  # (B, T, H_kv, V)
+        if keep is not None:  # padded keys: no write (and the gate below: no decay)
+            k, v = k * keep, v * keep
+        return q, repeat_kv_heads(k, self.kv_groups), repeat_kv_heads(v, self.kv_groups)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        context: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        cache: GLACache | None = None,
+    ) -> Tensor:
+        self.check_inputs(x, context, padding_mask, cache)
+        if cache is not None:
+            check_cache(self.name, cache, GLACache, x)
+        B, T, _ = x.shape
+        keep = None if padding_mask is None else padding_mask[:, :, None, None].to(x.dtype)  # (B, T, 1, 1)
+        if keep is not None:
+            x = x * keep[..., 0]  # zero padded inputs before any convolution
+        q_in, k_in, v_in = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        log_decay = self.log_decay(x)  # (B, T, H_kv, K)
+        if keep is not None:
+            log_decay = log_decay * keep.to(log_decay.dtype)
+        log_decay = repeat_kv_heads(log_decay, self.kv_groups)  # (B, T, H, K)
+
+        backward = None
+        if self.use_short_conv:
+            states = cache.conv_states if cache is not None and cache.conv_states is not None else (None,) * 3
+            convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+            outs = [conv(t, state=s) for conv, t, s in zip(convs, (q_in, k_in, v_in), states, strict=True)]
+            q, k, v = self._heads(*(y for y, _ in outs), keep)
+            if cache is not None:
+                cache.conv_states = tuple(s for _, s in outs)
+            if not self.causal:  # the backward scan convolves anti-causally, with the same weights
+                q_b, k_b, v_b = self._heads(*(c(t, reverse=True)[0] for c, t in zip(convs, (q_in, k_in, v_in))), keep)
+                backward = (q_b, k_b, v_b, log_decay)
+        else:
+            q, k, v = self._heads(q_in, k_in, v_in, keep)
+
+        kernel_options = dict(chunk_size=self.chunk_size, backend=self.backend)
+        if self.causal:
+            o, state = gla(
+                q,
+                k,
+                v,
+                log_decay,
+                initial_state=None if cache is None else cache.state,
+                output_final_state=cache is not None,
+                **kernel_options,
+            )  # (B, T, H, V)
+            if cache is not None:
+                cache.state, cache.length = state, cache.length + T
+        else:
+            o = scan_both_ways(gla, (q, k, v, log_decay), backward, **kernel_options)  # (B, T, H, V)
+
+        g = None if self.g_proj is None else self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)
+        return self.o_proj(norm_and_gate(self.g_norm, self.gate_fn, o, g).reshape(B, T, self.value_dim))
+
+    def new_cache(self, batch_size: int) -> GLACache:
+        if not self.causal:
+            return super().new_cache(batch_size)  # raises: only causal layers decode
+        return GLACache(batch_size)
+
+    def state_size(self, seq_len: int) -> int:
+        size = self.num_heads * self.head_k_dim * self.head_v_dim
+        if self.use_short_conv:
+            width = self.q_conv1d.state_width
+            size += width * (self.q_conv1d.in_channels + self.k_conv1d.in_channels + self.v_conv1d.in_channels)
+        return size
