@@ -1,0 +1,383 @@
+"""Benchmark attention layers or kernels against softmax SDPA: forward and forward+backward time, peak memory.
+
+Two levels:
+
+* ``--level layer``: registered attentions built with ``build_attention`` (dim = heads x head_dim) on x (B, T, dim);
+  the baseline is the ``softmax`` layer (SDPA inside).
+* ``--level kernel``: functional ops from :data:`KERNEL_OPS` on (B, T, H, D) tensors; the baseline is
+  ``F.scaled_dot_product_attention``. Add an op by adding one factory to that dict (see :class:`KernelCase`).
+
+Method. Every length is measured in one process, side by side: each repeat runs every method once in turn (round
+robin), so machine load hits all of them alike; the table reports the median over repeats after ``--warmup`` runs, and
+ratios of medians against the baseline measured in the same run. Forward is timed under ``torch.no_grad()``; fwd+bwd
+is forward, ``out.float().square().mean().backward()`` with gradients for all inputs. Peak memory is measured in a
+separate run (not timed) by a ``TorchDispatchMode`` that adds up the bytes of every tensor storage created during the
+fwd+bwd call and subtracts them when the storage is freed: the peak of torch's live CPU allocations beyond the inputs
+(tracemalloc-like; allocator caching and Python objects are not counted). A method whose single fwd+bwd exceeded
+``--time-budget`` seconds, or whose peak exceeded ``--memory-budget`` MiB at some length, is skipped at longer
+lengths; the table says so.
+
+Examples::
+
+    python scripts/bench_attention.py --attention softmax linear based --lengths 256 1024 4096
+    python scripts/bench_attention.py --level kernel --ops linear_attn linear_attn_cumsum --lengths 1024 4096 8192
+    python scripts/bench_attention.py --level kernel --ops linear_attn linear_attn_cumsum --feature-dim 256
+
+Writes ``results.md`` (Markdown table), ``results.json`` (every number plus the configuration) and ``results.png``
+(time per token and peak memory against T) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+# ----------------------------------------------------------------------------------------------------------------
+# measurement
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storages created while the mode is active (CPU; inputs made before it not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _collect(self) -> None:
+        for key, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._collect()  # before registering outputs: a freed address may be reused by this op's output
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key in self.live or storage.nbytes() == 0:
+                    continue  # a view or an in-place result: already counted
+                self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+@dataclass
+class Case:
+    """One method at one length: fresh inputs (leaf tensors) and a callable mapping them to the output."""
+
+    inputs: list[torch.Tensor]
+    fn: Callable[..., torch.Tensor]
+    params: list[torch.Tensor] = field(default_factory=list)  # module parameters (gradients cleared between runs)
+
+    def forward(self) -> None:
+        with torch.no_grad():
+            self.fn(*self.inputs)
+
+    def forward_backward(self) -> None:
+        for t in self.inputs + self.params:
+            t.grad = None
+        out = self.fn(*self.inputs)
+        out.float().square().mean().backward()
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_memory(case: Case) -> int:
+    with PeakMemory() as mem:
+        case.forward_backward()
+    return mem.peak
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernel-level ops: name -> factory(B, T, H, D, causal, dtype, feature_dim) -> Case. Extend by adding entries.
+
+
+KernelFactory = Callable[..., Case]
+
+
+def _qkv(B, T, H, D, dtype, feature_dim=None, positive=False):
+    K = feature_dim or D
+    gen = torch.Generator().manual_seed(0)
+    make = torch.rand if positive else torch.randn  # feature-mapped q, k are positive for linear attention
+    q = make(B, T, H, K, generator=gen, dtype=dtype).requires_grad_(True)
+    k = make(B, T, H, K, generator=gen, dtype=dtype).requires_grad_(True)
+    v = torch.randn(B, T, H, D, generator=gen, dtype=dtype).requires_grad_(True)
+    return q, k, v
+
+
+def sdpa_case(B, T, H, D, causal, dtype, feature_dim=None) -> Case:
+    """Softmax attention through F.scaled_dot_product_attention, inputs already in its (B, H, T, D) layout."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, generator=gen, dtype=dtype).requires_grad_(True) for _ in range(3))
+    return Case([q, k, v], lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+
+def linear_attn_case(backend: str) -> KernelFactory:
+    def factory(B, T, H, D, causal, dtype, feature_dim=None) -> Case:
+        from attnzoo.kernels import linear_attn
+
+        q, k, v = _qkv(B, T, H, D, dtype, feature_dim, positive=True)
+        return Case([q, k, v], lambda q, k, v: linear_attn(q, k, v, causal=causal, backend=backend)[0])
+
+    factory.__doc__ = f"attnzoo.kernels.linear_attn, backend={backend!r}, normalised."
+    return factory
+
+
+def linear_attn_cumsum_case(B, T, H, D, causal, dtype, feature_dim=None) -> Case:
+    """Causal linear attention by a cumulative sum of per-token K x V states (the form performer-pytorch uses:
+    einsum of k and v into (T, K, V), cumsum over T, contract with q). Memory O(T K V). Benchmark-only."""
+
+    def fn(q, k, v):
+        if not causal:
+            state = torch.einsum("bthk,bthv->bhkv", k, v)
+            return torch.einsum("bthk,bhkv->bthv", q, state) / (
+                torch.einsum("bthk,bhk->bth", q, k.sum(1))[..., None] + 1e-6
+            )
+        states = torch.einsum("bthk,bthv->bthkv", k, v).cumsum(1)  # (B, T, H, K, V): one state per token
+        num = torch.einsum("bthkv,bthk->bthv", states, q)
+        return num / (torch.einsum("bthk,bthk->bth", q, k.cumsum(1))[..., None] + 1e-6)
+
+    return Case(list(_qkv(B, T, H, D, dtype, feature_dim, positive=True)), fn)
+
+
+KERNEL_OPS: dict[str, KernelFactory] = {
+    "sdpa": sdpa_case,
+    "linear_attn": linear_attn_case("torch"),
+    "linear_attn_reference": linear_attn_case("reference"),
+    "linear_attn_cumsum": linear_attn_cumsum_case,
+}
+KERNEL_BASELINE = "sdpa"
+
+
+def layer_case_factory(name: str, pattern: str) -> Callable[..., Case]:
+    def factory(B, T, H, D, causal, dtype, feature_dim=None) -> Case:
+        from attnzoo.layers import build_attention, pattern_flags
+
+        torch.manual_seed(0)
+        layer = build_attention(name, dim=H * D, num_heads=H, **pattern_flags(pattern)).to(dtype).train()
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(B, T, H * D, generator=gen, dtype=dtype).requires_grad_(True)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        if pattern.endswith("cross"):
+            context = torch.randn(B, T, H * D, generator=gen, dtype=dtype).requires_grad_(True)
+            return Case([x, context], lambda x, c: layer(x, context=c), params)
+        return Case([x], lambda x: layer(x), params)
+
+    return factory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    causal = args.pattern.startswith("causal")
+    if args.level == "kernel":
+        names = args.ops or list(KERNEL_OPS)
+        unknown = [n for n in names if n not in KERNEL_OPS]
+        if unknown:
+            sys.exit(f"unknown kernel op(s) {unknown}; available: {', '.join(KERNEL_OPS)}")
+        baseline = KERNEL_BASELINE
+        factories = {n: KERNEL_OPS[n] for n in [baseline, *names]}
+    else:
+        from attnzoo.layers import list_attention
+
+        names = args.attention or list_attention(args.pattern)
+        registered = list_attention(args.pattern)
+        unknown = [n for n in names if n not in registered]
+        if unknown:
+            sys.exit(f"attention(s) {unknown} are not registered with pattern {args.pattern}; have: {registered}")
+        baseline = "softmax"
+        factories = {n: layer_case_factory(n, args.pattern) for n in [baseline, *names]}
+    B, H, D = args.batch, args.heads, args.head_dim
+    rows: list[dict] = []
+    skipped: dict[str, str] = {}  # method -> reason, once over budget at a shorter length
+    for T in args.lengths:
+        active = [n for n in factories if n not in skipped]
+        skip_rows = [n for n in factories if n in skipped]
+        cases = {n: factories[n](B, T, H, D, causal, dtype, args.feature_dim) for n in active}
+        times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwdbwd": []} for n in active}
+        for n in list(active):  # warmup, and a first check against the time budget
+            for _ in range(args.warmup):
+                cases[n].forward()
+                elapsed = timed(cases[n].forward_backward)
+            if elapsed > args.time_budget:
+                skipped[n] = f"fwd+bwd took {elapsed:.1f}s > --time-budget {args.time_budget}s at T={T}"
+        for _ in range(args.repeats):  # round robin: load hits every method alike
+            for n in active:
+                times[n]["fwd"].append(timed(cases[n].forward))
+                times[n]["fwdbwd"].append(timed(cases[n].forward_backward))
+        for n in active:
+            peak = peak_memory(cases[n]) if not args.no_memory else None
+            if peak is not None and peak > args.memory_budget * 2**20 and n not in skipped:
+                skipped[n] = f"peak {peak / 2**20:.0f} MiB > --memory-budget {args.memory_budget} MiB at T={T}"
+            rows.append(
+                dict(
+                    method=n,
+                    T=T,
+                    fwd_ms=1e3 * statistics.median(times[n]["fwd"]),
+                    fwdbwd_ms=1e3 * statistics.median(times[n]["fwdbwd"]),
+                    peak_mib=None if peak is None else peak / 2**20,
+                )
+            )
+        for n in skip_rows:
+            rows.append(dict(method=n, T=T, skipped=skipped[n]))
+        del cases
+        print(f"T={T}: done ({', '.join(active)})", file=sys.stderr, flush=True)
+    # ratios against the baseline of the same length (same run, medians)
+    base = {r["T"]: r for r in rows if r["method"] == baseline and "skipped" not in r}
+    for r in rows:
+        b = base.get(r["T"])
+        if "skipped" in r or b is None:
+            continue
+        r["fwd_speedup"] = b["fwd_ms"] / r["fwd_ms"]
+        r["fwdbwd_speedup"] = b["fwdbwd_ms"] / r["fwdbwd_ms"]
+        if r["peak_mib"] and b["peak_mib"]:
+            r["memory_ratio"] = b["peak_mib"] / r["peak_mib"]
+    return dict(
+        config=dict(vars(args), out=str(args.out)),
+        baseline=baseline,
+        machine=dict(
+            python=platform.python_version(),
+            torch=torch.__version__,
+            processor=platform.processor() or platform.machine(),
+            cpu_count=os.cpu_count(),
+            load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        ),
+        rows=rows,
+    )
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def to_markdown(result: dict) -> str:
+    cfg = result["config"]
+    base = result["baseline"]
+    lines = [
+        f"Level `{cfg['level']}`, pattern `{cfg['pattern']}`, B={cfg['batch']}, H={cfg['heads']}, "
+        f"D={cfg['head_dim']}, {cfg['dtype']}, {cfg['threads']} threads, median of {cfg['repeats']} "
+        f"(warmup {cfg['warmup']}); speedup and memory ratio = `{base}` / method at the same T, same run. "
+        f"Load average at the end: {result['machine']['load_average']}.",
+        "",
+        "| method | T | fwd ms | fwd+bwd ms | fwd+bwd µs/token | peak MiB (fwd+bwd) | fwd speedup | "
+        "fwd+bwd speedup | memory ratio | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(result["rows"], key=lambda r: (r["method"] != base, r["method"], r["T"])):
+        if "skipped" in r:
+            lines.append(f"| {r['method']} | {r['T']} | | | | | | | | skipped: {r['skipped']} |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['T']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
+            f"{1e3 * r['fwdbwd_ms'] / (r['T'] * cfg['batch']):.2f} | {_fmt(r['peak_mib'], '.1f')} | "
+            f"{_fmt(r.get('fwd_speedup'), '.2f')} | {_fmt(r.get('fwdbwd_speedup'), '.2f')} | "
+            f"{_fmt(r.get('memory_ratio'), '.2f')} | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = sorted({r["method"] for r in result["rows"]})
+    for m in methods:
+        pts = [r for r in result["rows"] if r["method"] == m and "skipped" not in r]
+        if not pts:
+            continue
+        Ts = [r["T"] for r in pts]
+        ax_time.plot(Ts, [1e3 * r["fwdbwd_ms"] / r["T"] for r in pts], marker="o", label=m)
+        if all(r["peak_mib"] is not None for r in pts):
+            ax_mem.plot(Ts, [r["peak_mib"] for r in pts], marker="o", label=m)
+    ax_time.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="fwd+bwd µs per token")
+    ax_mem.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="peak MiB (fwd+bwd)")
+    for ax in (ax_time, ax_mem):
+        ax.grid(True, which="both", alpha=0.3)
+    ax_time.legend(fontsize=8)
+    cfg = result["config"]
+    fig.suptitle(
+        f"{cfg['level']} level, {cfg['pattern']}, B={cfg['batch']} H={cfg['heads']} D={cfg['head_dim']}, "
+        f"{cfg['threads']} threads"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Time forward and forward+backward and measure peak memory of attentions (layer level) or "
+        "kernels (kernel level) beside softmax SDPA, over sequence lengths; writes results.md/.json/.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--level", choices=["layer", "kernel"], default="layer", help="registered layers or kernel ops")
+    p.add_argument("--attention", nargs="+", help="layer level: registered names (default: all with --pattern)")
+    p.add_argument("--ops", nargs="+", help=f"kernel level: ops among {', '.join(KERNEL_OPS)} (default: all)")
+    p.add_argument(
+        "--pattern",
+        default="causal_self",
+        choices=["noncausal_self", "causal_self", "noncausal_cross", "causal_cross"],
+    )
+    p.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--feature-dim", type=int, default=None, help="kernel level: q/k width (e.g. 256 random features)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--time-budget", type=float, default=30.0, help="skip longer T once one fwd+bwd takes longer (s)")
+    p.add_argument("--memory-budget", type=float, default=4096, help="skip longer T once peak exceeds this (MiB)")
+    p.add_argument("--no-memory", action="store_true", help="skip the (slower, untimed) peak-memory run")
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.repeats < 1:
+        p.error("--warmup and --repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = to_markdown(result)
+    (args.out / "results.md").write_text(table)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    plot(result, args.out / "results.png")
+    print(table)
+    print(f"wrote {args.out}/results.md, results.json, results.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
