@@ -29,6 +29,7 @@ from attnzoo.layers.sdpa import sdpa
 
 # importing a layer module registers it
 from attnzoo.layers import softmax  # noqa: E402, I001  isort: skip
+from attnzoo.layers import agent  # noqa: E402, I001  isort: skip
 from attnzoo.layers import gated_softmax  # noqa: E402, I001  isort: skip
 from attnzoo.layers import moh  # noqa: E402, I001  isort: skip
 from attnzoo.layers import linear  # noqa: E402, I001  isort: skip
