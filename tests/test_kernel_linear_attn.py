@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnzoo.kernels import linear_attn
+from attnzoo.kernels import linear_attn, triton_available
 
 # (B, T, H, K, V, chunk): round and awkward sizes; T=63 and T=100 are not multiples of the chunk
 SHAPES = [
@@ -71,9 +71,14 @@ def test_chunk_size_invariance(chunk):
         assert_close(name, ref[name], got[name], 1e-12)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "norm"])
+@pytest.mark.parametrize(
+    "backend,normalize",
+    [("reference", False), ("torch", False), ("torch", True), ("triton", True)],
+    ids=["reference-raw", "torch-raw", "torch-norm", "triton-norm"],
+)
 def test_initial_state_continues_the_sequence(backend, normalize):
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
     q, k, v, _ = make_inputs(2, 37, 2, 6, 5, normalize=normalize)
     full, full_state = linear_attn(
         q, k, v, causal=True, normalize=normalize, output_final_state=True, backend=backend, chunk_size=8
@@ -145,3 +150,31 @@ def test_bad_inputs_raise_with_expected_shapes():
         linear_attn(q, k, v, causal=True, initial_state=torch.zeros(2, 2, 4, 3))
     with pytest.raises(ValueError, match="unknown backend 'toch'"):
         linear_attn(q, k, v, causal=True, backend="toch")
+
+
+# Triton under TRITON_INTERPRET=1 (tests/conftest.py) is slow: a few tiny, awkward shapes
+TRITON_CASES = [
+    pytest.param(1, 33, 2, 20, 5, 16, True, True, torch.float64, id="B1-T33-H2-K20-V5-causal-norm-f64"),
+    pytest.param(2, 40, 1, 8, 12, 16, True, False, torch.float32, id="B2-T40-H1-K8-V12-causal-raw-f32"),
+    pytest.param(1, 24, 2, 6, 7, 16, False, True, torch.float64, id="B1-T24-H2-K6-V7-noncausal-norm-f64"),
+]
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("B,T,H,K,V,chunk,causal,normalize,dtype", TRITON_CASES)
+def test_triton_matches_reference(B, T, H, K, V, chunk, causal, normalize, dtype):
+    inputs = make_inputs(B, T, H, K, V, normalize=normalize, dtype=dtype)
+    ref = run_with_grads("reference", *inputs, causal=causal, normalize=normalize)
+    got = run_with_grads("triton", *inputs, causal=causal, normalize=normalize, chunk_size=chunk)
+    ratio = 1e-12 if dtype == torch.float64 else 1e-5
+    for name in ref:
+        assert_close(name, ref[name], got[name], ratio)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_triton_noncausal_cross_lengths():
+    q, k, v, _ = make_inputs(1, 5, 2, 4, 3, normalize=False, S=19)
+    ref = torch.autograd.grad(linear_attn(q, k, v, causal=False, backend="reference")[0].sum(), (q, k, v))
+    got = torch.autograd.grad(linear_attn(q, k, v, causal=False, backend="triton")[0].sum(), (q, k, v))
+    for name, a, b in zip(("dq", "dk", "dv"), ref, got):
+        assert_close(name, a, b, 1e-12)
