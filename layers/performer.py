@@ -84,14 +84,12 @@ def orthogonal_random_features(
     """
     if scaling not in (0, 1):
         raise ValueError(f"performer: ortho_scaling must be 0 (chi row norms) or 1 (sqrt(D)); got {scaling!r}.")
-    blocks = []
-    for start in range(0, nb_features, head_dim):
-        gaussian = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64)
-        q, r = torch.linalg.qr(gaussian)
-        if sign_correct:
-            q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
-        blocks.append(q.T[: nb_features - start])  # rows orthonormal
-    matrix = torch.cat(blocks)  # (M, D)
+    nb_blocks = -(-nb_features // head_dim)
+    gaussian = torch.randn(nb_blocks, head_dim, head_dim, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)  # one batched QR: a loop of small QRs is ~50x slower on a loaded CPU
+    if sign_correct:
+        q = q * torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0)[:, None, :]
+    matrix = q.transpose(1, 2).reshape(nb_blocks * head_dim, head_dim)[:nb_features]  # (M, D), rows orthonormal
     if scaling == 0:
         norms = torch.randn(nb_features, head_dim, generator=generator, dtype=torch.float64).norm(dim=1)
     else:
