@@ -1,0 +1,189 @@
+"""Recall versus state size: a Zoology-style MQAR sweep sized for a CPU.
+
+For every attention (default: every registered causal one) x model width x (sequence length, key-value pairs) cell,
+a two-layer GPT is trained on MQAR (:func:`attnzoo.data.mqar.generate_mqar`) for each learning rate of a small
+grid; the cell's score is the best test accuracy over the learning rates (Zoology's protocol). A run stops early once
+its validation accuracy reaches ``--target``. Output: a Markdown table, a heatmap per width, and accuracy against the
+decoding state size (``state_size`` of the layers, summed over layers) — the plot of Zoology's Figure 2.
+
+The default grid is cut to finish within about an hour on 2 CPU cores (widths 64 and 128, two learning rates,
+``--max-steps 400``); ``--full`` runs Zoology's CPU-sized grid: widths 32/64/128, three learning rates, 1500 steps.
+
+    python scripts/bench_mqar.py --out bench_results/mqar
+    python scripts/bench_mqar.py --attention softmax gla --widths 64 --cells 64x4 128x8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from attnzoo.data.mqar import generate_mqar, split_seed
+from attnzoo.layers import list_attention
+from attnzoo.models import GPT
+
+
+def accuracy(model: GPT, data: dict[str, torch.Tensor], batch: int = 256) -> float:
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(data["input_ids"]), batch):
+            ids, labels = data["input_ids"][i : i + batch], data["labels"][i : i + batch]
+            pred = model(ids).argmax(-1)
+            scored = labels != -100
+            correct += (pred[scored] == labels[scored]).sum().item()
+            total += scored.sum().item()
+    model.train()
+    return correct / max(total, 1)
+
+
+def train_one(name: str, width: int, seq_len: int, pairs: int, lr: float, args: argparse.Namespace) -> dict:
+    common = dict(vocab_size=args.vocab, input_seq_len=seq_len, num_kv_pairs=pairs)
+    train = generate_mqar(**common, num_examples=args.train_examples, seed=split_seed(0, "train"))
+    val = generate_mqar(**common, num_examples=256, seed=split_seed(0, "val"))
+    test = generate_mqar(**common, num_examples=args.test_examples, seed=split_seed(0, "test"))
+    torch.manual_seed(0)
+    heads = max(1, width // 32)
+    model = GPT(args.vocab, dim=width, depth=2, num_heads=heads, attention=name, max_seq_len=seq_len)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    warmup = max(1, args.max_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.max_steps) / args.max_steps)),
+    )
+    n, start, step, val_acc = len(train["input_ids"]), time.perf_counter(), 0, 0.0
+    gen = torch.Generator().manual_seed(1)
+    while step < args.max_steps:
+        idx = torch.randint(0, n, (args.batch,), generator=gen)
+        logits = model(train["input_ids"][idx])
+        loss = F.cross_entropy(logits.flatten(0, 1), train["labels"][idx].flatten(), ignore_index=-100)
+        if model.aux_loss is not None:
+            loss = loss + model.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % args.eval_every == 0:
+            val_acc = accuracy(model, val)
+            if val_acc >= args.target:
+                break
+    state = sum(block.attn.state_size(seq_len) for block in model.blocks)
+    return {
+        "attention": name,
+        "width": width,
+        "seq_len": seq_len,
+        "pairs": pairs,
+        "lr": lr,
+        "steps": step,
+        "val_acc": val_acc,
+        "test_acc": accuracy(model, test),
+        "state_size": state,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attention", nargs="*", default=None, help="default: every causal_self attention")
+    parser.add_argument("--widths", nargs="*", type=int, default=None)
+    parser.add_argument("--cells", nargs="*", default=["64x4", "128x8", "256x16"], help="SEQLENxPAIRS")
+    parser.add_argument("--lrs", nargs="*", type=float, default=None)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--full", action="store_true", help="widths 32/64/128, lrs 3e-4/1e-3/3e-3, 1500 steps")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--train-examples", type=int, default=20000)
+    parser.add_argument("--test-examples", type=int, default=1000)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--target", type=float, default=0.995, help="stop a run early at this val accuracy")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench_results/mqar"))
+    args = parser.parse_args()
+    args.widths = args.widths or ([32, 64, 128] if args.full else [64, 128])
+    args.lrs = args.lrs or ([3e-4, 1e-3, 3e-3] if args.full else [1e-3, 3e-3])
+    args.max_steps = args.max_steps or (1500 if args.full else 400)
+    torch.set_num_threads(args.threads)
+    names = args.attention or list_attention("causal_self")
+    cells = [tuple(int(v) for v in c.split("x")) for c in args.cells]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs: list[dict] = []
+    for name in names:
+        for width in args.widths:
+            for seq_len, pairs in cells:
+                for lr in args.lrs:
+                    r = train_one(name, width, seq_len, pairs, lr, args)
+                    runs.append(r)
+                    print(
+                        f"{name:>16} d={width:<4} T={seq_len:<4} kv={pairs:<3} lr={lr:g}: test acc {r['test_acc']:.3f} "
+                        f"({r['steps']} steps, {r['seconds']:.0f}s)",
+                        flush=True,
+                    )
+                    (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
+                    if r["val_acc"] >= args.target:
+                        break  # the best lr cannot beat a solved cell by much; save the time
+
+    best: dict[tuple, dict] = {}
+    for r in runs:
+        key = (r["attention"], r["width"], r["seq_len"], r["pairs"])
+        if key not in best or r["test_acc"] > best[key]["test_acc"]:
+            best[key] = r
+    header = "| attention | d_model | " + " | ".join(f"T={s}, kv={p}" for s, p in cells) + " | state @ longest |"
+    lines = [header, "|---" * (len(cells) + 3) + "|"]
+    for name in names:
+        for width in args.widths:
+            accs = [best[(name, width, s, p)]["test_acc"] for s, p in cells]
+            state = best[(name, width, *cells[-1])]["state_size"]
+            lines.append(f"| {name} | {width} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {state:,} |")
+    table = "\n".join(lines)
+    settings = f"{args.max_steps} steps max, batch {args.batch}, lrs {args.lrs}, vocab {args.vocab}, 2 layers"
+    (args.out / "mqar.md").write_text(f"MQAR test accuracy (best over learning rates; {settings}).\n\n{table}\n")
+    print("\n" + table)
+    _plots(best, names, args.widths, cells, args.out)
+
+
+def _plots(best: dict, names: list[str], widths: list[int], cells: list[tuple], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(widths), figsize=(3 + 2.2 * len(widths), 0.4 * len(names) + 1.8), squeeze=False)
+    for ax, width in zip(axes[0], widths):
+        grid = [[best[(n, width, s, p)]["test_acc"] for s, p in cells] for n in names]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set(title=f"d_model={width}", xticks=range(len(cells)), yticks=range(len(names)))
+        ax.set_xticklabels([f"{s}/{p}" for s, p in cells], fontsize=7)
+        ax.set_yticklabels(names if ax is axes[0][0] else [""] * len(names), fontsize=7)
+        for i, row in enumerate(grid):
+            for j, acc in enumerate(row):
+                ax.text(j, i, f"{acc:.2f}", ha="center", va="center", fontsize=6, color="w" if acc < 0.6 else "k")
+    fig.tight_layout()
+    fig.savefig(out / "mqar_heatmap.png", dpi=120)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    seq_len, pairs = cells[-1]
+    for name in names:
+        pts = sorted(
+            (best[(name, w, seq_len, pairs)]["state_size"], best[(name, w, seq_len, pairs)]["test_acc"]) for w in widths
+        )
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set(xscale="log", xlabel="decode state size (numbers per sequence)", ylabel="MQAR accuracy")
+    ax.set_title(f"recall vs state, T={seq_len}, {pairs} kv pairs", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "mqar_state.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
