@@ -38,6 +38,7 @@ from attnzoo.layers import sliding_window  # noqa: E402, I001  isort: skip
 from attnzoo.layers import performer  # noqa: E402, I001  isort: skip
 from attnzoo.layers import cosformer  # noqa: E402, I001  isort: skip
 from attnzoo.layers import gla  # noqa: E402, I001  isort: skip
+from attnzoo.layers import mamba  # noqa: E402, I001  isort: skip
 from attnzoo.layers import retnet  # noqa: E402, I001  isort: skip
 from attnzoo.layers import mamba2  # noqa: E402, I001  isort: skip
 
