@@ -29,7 +29,9 @@ Defaults: ``shared_heads = num_heads // 2`` and ``routed_heads = max(1, num_head
 Parameter names are timm's (``qkv``, ``proj``) and the official router names (``wg``, ``wg_0``, ``wg_1``), so
 :meth:`MoHAttention.from_official` loads an official MoH-DiT ``MoHAttention`` state dict by a straight key copy.
 Gating needs only the query-side token, so causal masks, cross-attention and the KV cache work unchanged; the cache
-keeps every head (a later token may route to any head).
+keeps every head (a later token may route to any head). Every head is computed densely and an unselected head's
+output is multiplied by 0, so MoH here costs about what softmax attention costs; skipping those heads needs a sparse
+kernel (not implemented).
 """
 
 from __future__ import annotations

@@ -124,6 +124,18 @@ def test_padded_tokens_leave_the_pool_and_the_aggregation():
         torch.testing.assert_close(out[b, real], ref.reshape(1, DIM).expand(int(real.sum()), DIM), **F64)
 
 
+def test_padded_tokens_have_no_influence_on_a_grid_with_a_class_token():
+    """The contract's padding test runs the 1-D default; this is the ViT layout (biases and DWC on)."""
+    layer = make(agent_num=4, grid_size=(3, 4), num_prefix_tokens=1)
+    x = inputs(13)
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[0, [2, 7, 12]] = False
+    mask[1, 5] = False
+    noisy = torch.where(mask[..., None], x, 10 * torch.randn_like(x))
+    out, out_noisy = layer(x, padding_mask=mask), layer(noisy, padding_mask=mask)
+    torch.testing.assert_close(out[mask], out_noisy[mask], **F64)
+
+
 def test_bias_tables_at_native_size_are_reproduced():
     layer = make(agent_num=4, grid_size=(7, 7))
     bias1, bias2 = layer.position_biases(49)
