@@ -11,11 +11,19 @@ import inspect
 from typing import Any
 
 from attnzoo.data.cache import cache_path, cached_tensors, config_hash
+from attnzoo.data.images import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
+from attnzoo.data.listops import ListOpsDataModule
 from attnzoo.data.mqar import MQARDataModule, generate_mqar
+from attnzoo.data.text import TextDataModule
 from attnzoo.errors import unknown
 
 DATAMODULES: dict[str, type] = {
     "mqar": MQARDataModule,
+    "digits": DigitsDataModule,
+    "cifar10": CIFAR10DataModule,
+    "mnist": MNISTDataModule,
+    "listops": ListOpsDataModule,
+    "text": TextDataModule,
 }
 
 

@@ -1,12 +1,29 @@
 """attnzoo.models: backbones that take any registered attention (a name, a spec, or one spec per layer)."""
 
+from attnzoo.models.encoder import Encoder
 from attnzoo.models.gpt import GPT
 from attnzoo.models.io import load_checkpoint, load_weights, save_weights
 from attnzoo.models.specs import per_layer
+from attnzoo.models.swap import SwapReport, swap_attention
+from attnzoo.models.vit import ViT, timm_attention_class
 
 # backbone name (the model config's ``name``) -> class; each class says which training task fits it (``task``)
 MODELS: dict[str, type] = {
     "gpt": GPT,
+    "vit": ViT,
+    "encoder": Encoder,
 }
 
-__all__ = ["GPT", "MODELS", "load_checkpoint", "load_weights", "per_layer", "save_weights"]
+__all__ = [
+    "GPT",
+    "MODELS",
+    "Encoder",
+    "SwapReport",
+    "ViT",
+    "load_checkpoint",
+    "load_weights",
+    "per_layer",
+    "save_weights",
+    "swap_attention",
+    "timm_attention_class",
+]

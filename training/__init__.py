@@ -4,12 +4,14 @@
 """
 
 from attnzoo.training.base import BaseTask, build_model
+from attnzoo.training.classification import ClassificationTask
 from attnzoo.training.lm import LanguageModelTask
 from attnzoo.training.optim import build_optimizer, param_groups, warmup_cosine
 from attnzoo.training.run import ConfigError, resolve_attention, run
 
 TASKS: dict[str, type] = {
     "lm": LanguageModelTask,
+    "classification": ClassificationTask,
 }
 
 __all__ = [
