@@ -1,0 +1,239 @@
+"""selective_scan: the chunked torch form (and Triton under TRITON_INTERPRET=1) against the sequential reference.
+
+Follows FLA's kernel tests: ``ref`` vs ``got`` for the output, the last state and every gradient (u, delta, A, B, C, D,
+z, delta_bias, initial_state), odd sizes, fixed seeds. Properties from specs/attention.md §6.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnzoo.kernels import selective_scan
+from attnzoo.kernels.selective_scan.chunked import selective_scan_chunked
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(batch=2, E=12, N=8, L=63, G=None, dtype=torch.float64, seed=0, delta_scale=1.0):
+    """Mamba-like inputs: delta = softplus(raw + bias) with typical init steps, A = -exp(A_log)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    bc_shape = (batch, N, L) if G is None else (batch, G, N, L)
+    return dict(
+        u=randn(batch, E, L),
+        delta=randn(batch, E, L) * delta_scale,
+        A=-torch.exp(randn(E, N) * 0.5 + 1.0),
+        B=randn(*bc_shape),
+        C=randn(*bc_shape),
+        D=randn(E),
+        z=randn(batch, E, L),
+        delta_bias=randn(E) - 2.0,
+        initial_state=randn(batch, E, N),
+    )
+
+
+def run(inputs, backend, grad=True, **kw):
+    leaves = {k: v.clone().requires_grad_(grad) for k, v in inputs.items()}
+    out, last = selective_scan(
+        **{k: leaves[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
+        delta_softplus=True,
+        return_last_state=True,
+        initial_state=leaves["initial_state"],
+        backend=backend,
+        **kw,
+    )
+    grads = {}
+    if grad:
+        gen = torch.Generator().manual_seed(123)
+        # drawn in float64 so every dtype gets the same cotangents
+        d_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+        d_last = torch.randn(last.shape, generator=gen, dtype=torch.float64).to(last.dtype)
+        ((out * d_out).sum() + (last * d_last).sum()).backward()
+        grads = {k: v.grad for k, v in leaves.items()}
+    return out, last, grads
+
+
+def assert_close(name, ref, got, tol):
+    """Relative error in the FLA style: max-abs error over the reference's max-abs, plus a floor."""
+    err = (ref - got).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"{name}: max abs err {err:.3g} vs scale {scale:.3g} (tol {tol})"
+
+
+CASES = [
+    pytest.param(dict(L=63), id="B2-E12-N8-L63"),
+    pytest.param(dict(L=130, E=16, N=16), id="B2-E16-N16-L130"),
+    pytest.param(dict(L=40, G=3), id="grouped-G3-L40"),
+    pytest.param(dict(L=1, batch=1), id="L1"),
+]
+
+
+@pytest.mark.parametrize("shape", CASES)
+def test_chunked_matches_reference_float64(shape):
+    inputs = make_inputs(**shape)
+    ref = run(inputs, "reference")
+    got = run(inputs, "torch", chunk_size=32)
+    assert_close("out", ref[0], got[0], 1e-10)
+    assert_close("last_state", ref[1], got[1], 1e-10)
+    for name in NAMES:
+        assert_close(f"d{name}", ref[2][name], got[2][name], 1e-10)
+
+
+def test_chunked_matches_reference_float32():
+    inputs = make_inputs(L=100, E=16, N=16, dtype=torch.float32)
+    ref64 = run({k: v.double() for k, v in inputs.items()}, "reference")
+    got = run(inputs, "torch")
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert_close("out", ref64[0], got[0].double(), 1e-4)
+    assert_close("last_state", ref64[1], got[1].double(), 1e-4)
+    for name in NAMES:
+        assert_close(f"d{name}", ref64[2][name], got[2][name].double(), 1e-4)
+
+
+@pytest.mark.parametrize("delta_scale", [1.0, 30.0], ids=["typical", "huge-steps"])
+def test_pairwise_path_matches_reference(delta_scale):
+    """factor_limit=0 sends every channel through the stable pairwise form; huge steps reach it by themselves."""
+    inputs = make_inputs(L=45, delta_scale=delta_scale)
+    delta = F.softplus(inputs["delta"] + inputs["delta_bias"][:, None])
+    args = (inputs["u"], delta, inputs["A"], inputs["B"][:, None], inputs["C"][:, None], inputs["initial_state"])
+    ref = selective_scan(*args[:5], return_last_state=True, initial_state=args[5], backend="reference")
+    for limit in (0.0, None):
+        y, last = selective_scan_chunked(*args, 32, limit)
+        assert_close("y", ref[0], y, 1e-10)
+        assert_close("last_state", ref[1], last, 1e-10)
+
+
+def test_mixed_safe_and_unsafe_channels_gradients():
+    """Half the channels take huge steps (pairwise path), half small (factored): values and gradients match."""
+    inputs = make_inputs(L=50, E=8)
+    inputs["delta"][:, ::2] += 8.0
+    ref = run(inputs, "reference")
+    got = run(inputs, "torch", chunk_size=16)
+    assert_close("out", ref[0], got[0], 1e-10)
+    for name in NAMES:
+        assert_close(f"d{name}", ref[2][name], got[2][name], 1e-10)
+
+
+def test_chunk_size_invariance():
+    inputs = make_inputs(L=100)
+    outs = [run(inputs, "torch", grad=False, chunk_size=c)[:2] for c in (7, 16, 64, 100, 256)]
+    for out, last in outs[1:]:
+        torch.testing.assert_close(out, outs[0][0], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(last, outs[0][1], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_initial_state_continues_the_scan(backend):
+    """run(u[..., :t]) then run(u[..., t:], initial_state=last) == run(u): what cached decoding relies on."""
+    x = make_inputs(L=70)
+    seq = ("u", "delta", "z")
+
+    def part(t):
+        kw = {k: (x[k][..., t] if k in seq else x[k]) for k in ("u", "delta", "z", "D", "delta_bias")}
+        return kw | {"A": x["A"], "B": x["B"][..., t], "C": x["C"][..., t]}
+
+    full, last = selective_scan(**part(slice(None)), delta_softplus=True, return_last_state=True, backend=backend)
+    first, mid = selective_scan(**part(slice(0, 33)), delta_softplus=True, return_last_state=True, backend=backend)
+    second, end = selective_scan(
+        **part(slice(33, None)), delta_softplus=True, return_last_state=True, initial_state=mid, backend=backend
+    )
+    torch.testing.assert_close(torch.cat([first, second], -1), full, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(end, last, atol=1e-10, rtol=1e-10)
+
+
+def test_equals_gla_recurrence():
+    """Spec §6: per channel e the scan is GLA with q = C_t, k = B_t, v = delta_t[e] u_t[e], log decay delta_t A[e]."""
+    x = make_inputs(L=30, E=6, N=5)
+    u, A, B, C = x["u"], x["A"], x["B"], x["C"]
+    delta = F.softplus(x["delta"])
+    got = selective_scan(u, delta, A, B, C, backend="torch")
+    # tiny GLA recurrence, (batch, heads=E, K=N, V=1) state, scale 1: S_t = diag(exp g_t) S_{t-1} + k_t^T v_t
+    batch, E, L = u.shape
+    state = torch.zeros(batch, E, A.shape[1], 1, dtype=u.dtype)
+    outs = []
+    for t in range(L):
+        q = C[:, None, :, t].expand(batch, E, -1)  # (batch, E, N), shared across channels
+        k = B[:, None, :, t].expand(batch, E, -1)
+        v = (delta[..., t] * u[..., t])[..., None]  # (batch, E, 1)
+        g = delta[..., t, None] * A  # (batch, E, N) log decay
+        state = torch.exp(g)[..., None] * state + k[..., None] * v[:, :, None, :]
+        outs.append((q[:, :, None, :] @ state)[:, :, 0, 0])
+    torch.testing.assert_close(got, torch.stack(outs, -1), atol=1e-10, rtol=1e-10)
+
+
+def test_causality():
+    """Changing inputs after position 25 leaves earlier outputs unchanged (to rounding: the chunk's pivot sees the
+    whole chunk, so the last bits of earlier positions in the same chunk may move)."""
+    x = make_inputs(L=40)
+    kw = dict(delta_softplus=True, backend="torch", chunk_size=16)
+    args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    out = selective_scan(*args, **kw)
+    changed = [a.clone() for a in args]
+    for i in (0, 1, 4, 6):  # u, delta, C, z after position 25
+        changed[i][..., 25:] += 5.0
+    changed[3][..., 25:] += 5.0  # B
+    out2 = selective_scan(*changed, **kw)
+    torch.testing.assert_close(out[..., :25], out2[..., :25], atol=1e-12, rtol=1e-12)
+    assert not torch.allclose(out[..., 25:], out2[..., 25:])
+
+
+def test_extreme_steps_are_finite_and_exact():
+    """delta -> 0 (state kept) and delta huge (state reset every step) stay finite and match the reference."""
+    x = make_inputs(L=50, E=4)
+    delta = torch.cat([torch.full((2, 2, 50), 1e-8), torch.full((2, 2, 50), 1e4)], dim=1).double()
+    args = (x["u"], delta, x["A"], x["B"], x["C"])
+    ref = selective_scan(*args, return_last_state=True, initial_state=x["initial_state"], backend="reference")
+    got = selective_scan(*args, return_last_state=True, initial_state=x["initial_state"], backend="torch")
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    assert_close("out", ref[0], got[0], 1e-10)
+    assert_close("last_state", ref[1], got[1], 1e-10)
+
+
+def test_autocast_bf16_state_is_float32():
+    x = make_inputs(L=20, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, last = selective_scan(x["u"].bfloat16(), x["delta"], x["A"], x["B"], x["C"], return_last_state=True)
+    assert out.dtype == torch.bfloat16 and last.dtype == torch.float32 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.slow
+def test_long_sequence_bf16_autocast_finite():
+    x = make_inputs(batch=1, E=32, N=16, L=16384, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, last = selective_scan(
+            x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, True
+        )
+    assert torch.isfinite(out.float()).all() and torch.isfinite(last).all()
+
+
+def test_bad_inputs_raise():
+    x = make_inputs(L=10)
+    u, delta, A, B, C = x["u"], x["delta"], x["A"], x["B"], x["C"]
+    with pytest.raises(ValueError, match=r"delta must have u's shape"):
+        selective_scan(u, delta[..., :-1], A, B, C)
+    with pytest.raises(ValueError, match=r"A must have shape \(E, N\) = \(12, N\)"):
+        selective_scan(u, delta, A[:-1], B, C)
+    with pytest.raises(ValueError, match=r"B must have shape \(batch, N, L\)"):
+        selective_scan(u, delta, A, B[:, :-1], C)
+    with pytest.raises(ValueError, match=r"grouped \(batch, G, N, L\) with G dividing E"):
+        selective_scan(u, delta, A, B, C.unsqueeze(1).expand(2, 5, 8, 10))
+    with pytest.raises(ValueError, match="complex A is not supported"):
+        selective_scan(u, delta, A.to(torch.complex128), B, C)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        selective_scan(u, delta, A, B, C, initial_state=torch.zeros(2, 12, 3))
+    with pytest.raises(ValueError, match="unknown backend 'trition'"):
+        selective_scan(u, delta, A, B, C, backend="trition")
+
+
+def test_time_invariant_B_C_match_expanded():
+    x = make_inputs(L=20, E=6, N=4)
+    Bti = torch.randn(6, 4, dtype=torch.float64)
+    got = selective_scan(x["u"], x["delta"].sigmoid(), x["A"], Bti, x["C"], backend="torch")
+    grouped = Bti[None, :, :, None].expand(2, 6, 4, 20)
+    ref = selective_scan(x["u"], x["delta"].sigmoid(), x["A"], grouped, x["C"], backend="reference")
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
