@@ -210,6 +210,9 @@ class AgentAttention(Attention):
         x = x.transpose(1, 2)
         return x if self.grid_size is None else x.reshape(*x.shape[:2], *self.grid_size)
 
+    def _grid_mask(self, mask: Tensor) -> Tensor:
+        return mask if self.grid_size is None else mask.reshape(mask.shape[0], *self.grid_size)
+
     def forward(
         self,
         x: Tensor,
@@ -254,10 +257,10 @@ class AgentAttention(Attention):
                 logits1, logits2 = logits1 + bias1, logits2 + bias2
             if padding_mask is not None:
                 keep = padding_mask[:, None, None, :]  # (B, 1, 1, S)
-                logits1 = logits1.masked_fill(~keep, float("-inf"))
-                # no real key at all: zero weights instead of softmax over nothing (NaN)
-                logits1 = torch.where(keep.any(-1, keepdim=True), logits1, torch.zeros_like(logits1))
-                attn1 = torch.softmax(logits1, dim=-1) * keep.any(-1, keepdim=True).to(dtype)
+                has_key = keep.any(dim=-1, keepdim=True)
+                # a sequence with no real key: any finite softmax, then zero weights (not softmax over nothing, NaN)
+                logits1 = logits1.masked_fill(~keep & has_key, float("-inf"))
+                attn1 = torch.softmax(logits1, dim=-1) * has_key.to(dtype)
             else:
                 attn1 = torch.softmax(logits1, dim=-1)
             agent_v = torch.einsum("bhms,bshd->bhmd", self.attn_drop(attn1), vh)  # (B, H, M, D)
@@ -269,9 +272,6 @@ class AgentAttention(Attention):
                 dwc = conv(self._grid(v[:, P:]), weight, bias, padding=1, groups=C)  # depthwise, same size
                 o = torch.cat([o[:, :P], o[:, P:] + dwc.flatten(2).transpose(1, 2)], dim=1)
         return self.proj_drop(self.proj(o.to(x.dtype)))
-
-    def _grid_mask(self, mask: Tensor) -> Tensor:
-        return mask if self.grid_size is None else mask.reshape(mask.shape[0], *self.grid_size)
 
     def extra_repr(self) -> str:
         return (
