@@ -179,7 +179,7 @@ def favor_attention(
         prev_state, prev_max = initial_state if initial_state is not None else (None, None)
         if kernel == "relu":
             ratio = 1.0  # performer-pytorch's generalized kernel has no M^-1/2
-            phi_q = F.relu(u_q) + feature_eps
+            base_q = F.relu(u_q) + feature_eps  # phi(q) / ratio
             shifted_k = F.relu(u_k)  # (B, S, H, M)
             if keep is not None:
                 shifted_k = shifted_k * keep[..., None]
@@ -188,18 +188,17 @@ def favor_attention(
         else:
             ratio = M**-0.5
             sq_q = q.square().sum(-1, keepdim=True) * data_scale**2 / 2  # |q~|^2 / 2, (B, T, H, 1)
-            sq_k = k.square().sum(-1, keepdim=True) * data_scale**2 / 2
-            logits_k = u_k - sq_k  # a_j, (B, S, H, M)
+            sq_k = k.square().sum(-1, keepdim=True) * data_scale**2 / 2  # (B, S, H, 1)
+            u_max = u_k.detach().amax(-1)  # (B, S, H)
             if stabilizer == "official":
                 q_shift = u_q.detach().amax(-1, keepdim=True) + sq_q
-                peak = u_k.detach().amax(-1)  # official: max of u, without -|k~|^2/2
+                peak = u_max  # official: max of u, without -|k~|^2/2
             else:
                 q_shift = u_q.detach().amax(-1, keepdim=True)  # = max_m(u - |q~|^2/2) + |q~|^2/2
-                peak = logits_k.detach().amax(-1)  # (B, S, H)
-            phi_q = ratio * (torch.exp(u_q - q_shift) + feature_eps)
+                peak = u_max - sq_k.detach()[..., 0]  # max_m a_j, a_j = u_j - |k~_j|^2/2
+            base_q = torch.exp(u_q - q_shift) + feature_eps  # phi(q) / ratio, (B, T, H, M)
             if keep is not None:
                 peak = peak.masked_fill(~keep, -math.inf)
-                logits_k = logits_k.masked_fill(~keep[..., None], -math.inf)  # exp -> 0: no feature at all
             if causal and stabilizer == "prefix":
                 running = peak.cummax(dim=1).values  # c_i before the carried max, (B, S, H)
                 if prev_max is not None:
@@ -209,7 +208,10 @@ def favor_attention(
                 key_max = peak.amax(dim=1)
                 running = None
             ref = torch.where(torch.isfinite(key_max), key_max, torch.zeros_like(key_max))  # c_ref; 0 if no keys
-            shifted_k = torch.exp(logits_k - ref[:, None, :, None])  # exp(a_j - c_ref) <= 1
+            key_shift = sq_k + ref[:, None, :, None]  # (B, S, H, 1): one small tensor, one pass over (B, S, H, M)
+            if keep is not None:
+                key_shift = key_shift.masked_fill(~keep[..., None], math.inf)  # exp -> 0: no feature at all
+            shifted_k = torch.exp(u_k - key_shift)  # exp(a_j - c_ref) <= 1
             r = None
             if running is not None:
                 running = torch.where(torch.isfinite(running), running, ref[:, None])  # no key yet: any shift
@@ -222,8 +224,11 @@ def favor_attention(
         ones_k = torch.ones_like(shifted_k[..., :1])  # (B, S, H, 1)
         if keep is not None:
             ones_k = ones_k * keep[..., None]
-        k_feat = ratio * torch.cat([shifted_k, ones_k], dim=-1)  # (B, S, H, M + 1)
-        q_feat = torch.cat([phi_q if r is None else r * phi_q, feature_eps * phi_q.sum(-1, keepdim=True)], -1)
+        k_feat = torch.cat([shifted_k, ones_k], dim=-1)  # (B, S, H, M + 1)
+        # both features carry the M^-1/2 ratio: put ratio^2 on the query side, in the small per-position factor
+        sum_q = base_q.sum(-1, keepdim=True)  # (B, T, H, 1)
+        q_scale = ratio**2 if r is None else r * ratio**2
+        q_feat = torch.cat([base_q * q_scale, (feature_eps * ratio**2) * sum_q], -1)  # (B, T, H, M + 1)
         v_ext = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, S, H, V + 1): last column -> z
         o, state = linear_attn(
             q_feat,
@@ -236,7 +241,7 @@ def favor_attention(
         )
         numerator, z = o[..., :-1], o[..., -1]  # (B, T, H, V), (B, T, H)
         # performer-pytorch's causal eps sits on every entry of the key sum: phi(q).(z + eps 1)
-        guard = denom_eps * phi_q.sum(-1) if eps_placement == "key_sum" else denom_eps
+        guard = (denom_eps * ratio) * sum_q[..., 0] if eps_placement == "key_sum" else denom_eps
         den = z + guard
         den = den.masked_fill(den == 0, 1.0)  # nothing to attend to (all keys padded, eps 0): output 0, not NaN
         o = numerator / den[..., None]
