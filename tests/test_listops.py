@@ -89,3 +89,21 @@ def test_impossible_constraints_raise():
         ListOpsDataModule(min_length=50, max_length=40)
     with pytest.raises(ValueError, match="widen the length range"):
         generate_listops(5, min_length=100, max_length=200, max_depth=2, max_args=2, seed=0, max_tries=500)
+
+
+def test_experiment_listops_fast_dev_run(tmp_path, data_dir):
+    import json
+
+    from conftest import compose_train, shrink
+    from omegaconf import open_dict
+
+    from attnzoo.training import run
+
+    cfg = shrink(compose_train(["experiment=listops", "debug=fast"]), tmp_path, data_dir)
+    with open_dict(cfg):
+        cfg.data.num_examples = {"train": 64, "val": 16, "test": 16}
+        cfg.data.max_length = 64
+        cfg.data.batch_size = 16
+    run(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"] == "encoder" and "test/acc" in summary["test_metrics"]

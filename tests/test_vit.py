@@ -105,3 +105,28 @@ def test_adapter_accepts_timm_call_and_key_padding_mask():
         layer(x, attn_mask=torch.zeros(5, 5))
     with pytest.raises(ValueError, match="non-causal"):
         layer(x, is_causal=True)
+
+
+def test_experiment_vit_digits_runs_and_checkpoint_reloads(tmp_path, data_dir):
+    """``experiment=vit_digits`` composes, trains a few batches through run(cfg), and its checkpoint rebuilds the
+    ClassificationTask (configs, not modules, are saved)."""
+    import json
+
+    from conftest import compose_train, shrink
+    from omegaconf import open_dict
+
+    from attnzoo.training import ClassificationTask, run
+
+    cfg = shrink(compose_train(["experiment=vit_digits"]), tmp_path, data_dir)
+    with open_dict(cfg):
+        cfg.trainer.limit_train_batches = 2
+        cfg.trainer.limit_val_batches = 1
+        cfg.trainer.limit_test_batches = 1
+    run(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"] == "vit" and summary["attention"] == ["softmax"] * 4
+    assert {"test/acc", "test/loss", "test/top5_acc"} <= set(summary["test_metrics"])
+    task = ClassificationTask.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert isinstance(task.model, ViT) and task.model.patch_embed.grid_size == (4, 4)
+    batch = torch.randn(2, 1, 8, 8)
+    assert task.eval()(batch).shape == (2, 10)
