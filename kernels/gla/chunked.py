@@ -1,25 +1,27 @@
 """Chunked GLA in torch: the CPU path (FLA's ``chunk_gla`` algorithm, written with batched matmuls).
 
 Per batch and head, chunk n of length C holds positions nC .. nC + C - 1; b = cumsum of g restarted in every chunk,
-S_n = state at the chunk start, q already scaled. All exponents below are <= 0 because g <= 0:
+S_n = state at the chunk start, q already scaled. With g <= 0 every exponent below is <= 0:
 
     intra:  A_ij = sum_c q_ic k_jc exp(b_ic - b_jc)  for j <= i (else 0)
     output: o = A v + (q ⊙ exp(b)) S_n
     state:  S_{n+1} = diag(exp(b_last)) S_n + (k ⊙ exp(b_last - b))^T v
 
-Intra-chunk decays without overflow (specs/attention.md §3 "Numerical stability"): exp(b_i) exp(-b_j) is never
-formed over a span. Vector gates use a binary hierarchy of sub-chunks: in a block of 2s rows, the lower-left s x s
-block (query rows i in the lower half, key rows j in the upper half) is factored around r = the first row of the
-lower half, exp(b_i - b_j) = exp(b_i - b_r) exp(b_r - b_j), where j < r <= i so BOTH factors are <= 1 for every g <= 0;
-it becomes one (s, K) x (K, s) matmul. The diagonal (i = j) has decay 1. So log2(C) levels of matmuls cover the
-lower triangle, with no bound on how negative g may be (-20 per step, or -inf-like gates, are fine). Scalar gates
-(simple GLA) have a (C, C) decay matrix formed from pairwise differences b_i - b_j, masked with -inf before exp.
+Intra-chunk decays without overflow (specs/attention.md §3 "Numerical stability"). exp(b_i) exp(-b_j) is only formed
+inside a block whose decay span is bounded: aligned c-row blocks whose sum of |g| is at most FACTOR_BOUND = 40 are
+factored around the row before the block, exp(b_i - b_f) exp(b_f - b_j), each factor in [e^-40, e^40] (a plain
+matmul). c is the largest power of two for which this holds in every block (checked per call): c = C for FLA-style
+gates (logsigmoid / 16), smaller for very negative gates. Blocks below the diagonal c x c blocks use an exact binary
+hierarchy: in a block of 2s rows, the lower-left s x s block (query rows i in the lower half, key rows j in the upper
+half) is factored around r = the first row of the lower half, exp(b_i - b_r) exp(b_r - b_j) with j < r <= i, so
+BOTH factors are <= 1 for any g <= 0 (-20 per step, or -1e4, is fine); one (s, K) x (K, s) matmul per level. Scalar
+gates (simple GLA) take the same path with g broadcast over K (b is (..., C, 1), so the factors cost nothing).
 
 Inter-chunk: the chunk writes (k ⊙ exp(b_last - b))^T v are batched matmuls; the carry S_{n+1} = a_n S_n + U_n is one
 fused multiply-add per chunk (a Python loop over chunks, never over time).
 
 Backward (custom autograd.Function) keeps only q, k, v, g and the initial state, and recomputes A and the chunk states
-(memory O(T (K + V) + T C + (T / C) K V)). With do, and dH_{n+1} = gradient reaching S_{n+1}
+(memory O(T (K + V + C) + (T / C) K V)). With do, and dH_{n+1} = gradient reaching S_{n+1}
 (reverse carry dH_n = a_n dH_{n+1} + (q ⊙ exp(b))^T do):
 
     dv = A^T do + (k ⊙ exp(b_last - b)) dH_{n+1}
@@ -28,11 +30,13 @@ Backward (custom autograd.Function) keeps only q, k, v, g and the initial state,
     d initial_state = dH_0.
 
 (db: every exp(b_i - b_j) contributes +q dq through b_i and -k dk through b_j; the last row also scales the carried
-state. Terms with no decay, A's diagonal and the last row's own write, cancel exactly and are left out of db.) For
-scalar gates db is summed over K.
+state. Terms with no decay, A's diagonal and the last row's own write, cancel exactly and are left out of db, which
+keeps dg accurate when exp(g) is tiny.) For scalar gates db is summed over K.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,120 +82,185 @@ def _level_factors(b: Tensor, s: int) -> tuple[Tensor, Tensor]:
     """exp(b_i - b_r) for lower-half rows and exp(b_r - b_j) for upper-half rows, r = first lower row; both <= 1."""
     upper, lower = _level_views(b, s)
     ref = lower[..., :1, :]  # (..., nb, 1, K)
-    return (lower - ref).exp(), (ref - upper).exp()
+    return (lower - ref).exp_(), (ref - upper).exp_()
 
 
-def _intra_scores(q: Tensor, k: Tensor, b: Tensor) -> Tensor:
-    """A (..., C, C) lower triangle (with diagonal) of sum_c q_ic k_jc exp(b_ic - b_jc); q, k (..., C, K)."""
+# Largest sum of |g| over a block that is factored directly: exp(b_i - b_f) and exp(b_f - b_j) then lie in
+# [e^-40, e^40] = [4e-18, 2e17], far inside float32's normal range (1e-38 .. 3e38), so neither factor overflows or
+# underflows and each product q_i k_j exp(b_i - b_j) keeps float32's relative precision.
+FACTOR_BOUND = 40.0
+
+
+def _direct_block_size(g: Tensor, b: Tensor) -> int:
+    """Largest power-of-two c <= C such that every aligned c-row block of every chunk has sum |g| <= FACTOR_BOUND.
+
+    FLA's gates (logsigmoid / 16, about -0.05 per step) give c = C: the whole intra-chunk matrix is one matmul, which
+    is checked first in one pass over b (|b_i| <= bound for all i is exactly the c = C condition). Very negative gates
+    shrink c, down to 1 where only the exact hierarchy is used. One host sync per call.
+    """
+    C = g.shape[-2]
+    lo, hi = torch.aminmax(b)
+    if max(-lo.item(), hi.item()) <= FACTOR_BOUND:
+        return C
+    sums, maxima = g.abs(), []
+    while sums.shape[-2] > 1:
+        sums = sums.unflatten(-2, (-1, 2)).sum(-2)  # sums over aligned blocks of twice the size
+        maxima.append(sums.amax())
+    c = 1
+    for m in torch.stack(maxima).tolist() if maxima else []:
+        if not m <= FACTOR_BOUND:  # also stops at NaN
+            break
+        c *= 2
+    return min(c, C)
+
+
+def _direct_factors(b: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """exp(b_i - b_f), exp(b_f - b_i) with f = the row before i's aligned c-row block (b_f = 0 for the first block)."""
+    *lead, C, K = b.shape
+    blocks = b.view(*lead, C // c, c, K)
+    before = F.pad(blocks[..., :-1, -1:, :], (0, 0, 0, 0, 1, 0))  # (..., C / c, 1, K)
+    return (blocks - before).exp_().view_as(b), (before - blocks).exp_().view_as(b)
+
+
+def _diag_blocks(A: Tensor, c: int) -> Tensor:
+    """View of the c x c diagonal blocks of A (..., C, C): (..., C / c, c, c)."""
+    *lead, C, _ = A.shape
+    blocks = A.view(*lead, C // c, c, C // c, c)
+    return torch.diagonal(blocks, dim1=len(lead), dim2=len(lead) + 2).movedim(-1, -3)
+
+
+class _Parts(NamedTuple):
+    """What forward and backward share, recomputed in backward rather than saved (chunked shapes (B, H, N, ...))."""
+
+    b: Tensor  # (C, K or 1) log decay since the chunk start
+    c: int  # directly factored block size
+    q_exp: Tensor  # (C, K or 1) exp(b_i - b_f), f = row before i's c-block (= exp(b) when c = C)
+    q_in: Tensor  # (C, K) q ⊙ q_exp
+    k_exp: Tensor  # (C, K or 1) exp(b_f - b_j)
+    k_in: Tensor  # (C, K) k ⊙ k_exp
+    A: Tensor  # (C, C) intra-chunk scores
+    q_decay: Tensor  # (C, K or 1) exp(b)
+    k_decay: Tensor  # (C, K or 1) exp(b_last - b)
+    k_out: Tensor  # (C, K) k ⊙ k_decay: each key's write as seen at the chunk end
+    carry: Tensor  # (K or 1, 1) exp(b_last)
+    starts: Tensor  # (K, V) state at every chunk start
+    final: Tensor | None  # (B, H, K, V) state after the last chunk (None when starts were given)
+
+
+def _forward_parts(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None, starts: Tensor | None = None
+) -> _Parts:
+    """All shared quantities; given the saved chunk-start states (backward), the state scan is skipped."""
     C = q.shape[-2]
-    if b.shape[-1] == 1:  # scalar gate: one (C, C) decay matrix, masked before exp
-        return (q @ k.transpose(-1, -2)) * _decay_matrix(b)
-    A = q.new_zeros(*q.shape[:-1], C)
-    A.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1))
-    s = 1
-    while s < C:
-        q_exp, k_exp = _level_factors(b, s)
-        q_low = _level_views(q, s)[1] * q_exp  # (..., nb, s, K)
-        k_up = _level_views(k, s)[0] * k_exp
-        _offdiag_blocks(A, s).copy_(q_low @ k_up.transpose(-1, -2))
-        s *= 2
-    return A
+    b = g.cumsum(-2)
+    c = _direct_block_size(g, b)
+    q_decay = b.exp()
+    if c == C:
+        q_exp, k_exp = q_decay, b.neg().exp_()
+    else:
+        q_exp, k_exp = _direct_factors(b, c)
+    q_in, k_in = q * q_exp, k * k_exp
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    diag = (q_in.unflatten(-2, (-1, c)) @ k_in.unflatten(-2, (-1, c)).transpose(-1, -2)).masked_fill_(~causal, 0)
+    if c == C:
+        A = diag.squeeze(-3)  # (B, H, N, C, C)
+    else:
+        A = q.new_zeros(*q.shape[:-1], C)
+        _diag_blocks(A, c).copy_(diag)
+        s = c
+        while s < C:
+            lower_exp, upper_exp = _level_factors(b, s)
+            q_low = _level_views(q, s)[1] * lower_exp  # (..., nb, s, K)
+            k_up = _level_views(k, s)[0] * upper_exp
+            _offdiag_blocks(A, s).copy_(q_low @ k_up.transpose(-1, -2))
+            s *= 2
+    b_last = b[..., -1:, :]  # (B, H, N, 1, K or 1)
+    k_decay = (b_last - b).exp_()
+    k_out = k * k_decay
+    carry = b_last.transpose(-1, -2).exp()  # (B, H, N, K or 1, 1)
+    state = None
+    if starts is None:
+        writes = k_out.transpose(-1, -2) @ v  # (B, H, N, K, V)
+        B, H, N, _, K = q.shape
+        state = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state
+        starts = torch.empty_like(writes)
+        for n in range(N):  # the only sequential part: one multiply-add per chunk
+            starts[:, :, n] = state
+            state = torch.addcmul(writes[:, :, n], carry[:, :, n], state)
+    return _Parts(b, c, q_exp, q_in, k_exp, k_in, A, q_decay, k_decay, k_out, carry, starts, state)
 
 
-def _intra_grads(dA: Tensor, q: Tensor, k: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of the strictly lower part of _intra_scores for a strictly lower dA (..., C, C): (dq, dk).
+def _intra_grads(dA: Tensor, q: Tensor, k: Tensor, p: _Parts) -> tuple[Tensor, Tensor]:
+    """Gradients of the strictly lower part of A for a strictly lower dA (..., C, C): (dq, dk), each (..., C, K).
 
     The diagonal (decay 1) is left to the caller: it does not depend on b, and keeping it out of q dq - k dk avoids
     a cancellation that would swamp dg when the gates are very negative (true dg ~ exp(g) there).
     """
-    C = q.shape[-2]
-    if b.shape[-1] == 1:
-        dscores = dA * _decay_matrix(b)
-        return dscores @ k, dscores.transpose(-1, -2) @ q
-    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-    s = 1
+    C, c = q.shape[-2], p.c
+    dblocks = dA.unsqueeze(-3) if c == C else _diag_blocks(dA, c)  # (..., C / c, c, c)
+    dq = (dblocks @ p.k_in.unflatten(-2, (-1, c))).flatten(-3, -2).mul_(p.q_exp)
+    dk = (dblocks.transpose(-1, -2) @ p.q_in.unflatten(-2, (-1, c))).flatten(-3, -2).mul_(p.k_exp)
+    s = c
     while s < C:
-        q_exp, k_exp = _level_factors(b, s)
+        lower_exp, upper_exp = _level_factors(p.b, s)
         q_low = _level_views(q, s)[1]
         k_up = _level_views(k, s)[0]
         dblock = _offdiag_blocks(dA, s)  # (..., nb, s, s)
-        _level_views(dq, s)[1].addcmul_(dblock @ (k_up * k_exp), q_exp)
-        _level_views(dk, s)[0].addcmul_(dblock.transpose(-1, -2) @ (q_low * q_exp), k_exp)
+        _level_views(dq, s)[1].addcmul_(dblock @ (k_up * upper_exp), lower_exp)
+        _level_views(dk, s)[0].addcmul_(dblock.transpose(-1, -2) @ (q_low * lower_exp), upper_exp)
         s *= 2
     return dq, dk
-
-
-def _decay_matrix(b: Tensor) -> Tensor:
-    """exp(b_i - b_j) for j <= i, else 0, from b (..., C, 1); masked with -inf BEFORE exp (no inf * 0 = NaN)."""
-    C = b.shape[-2]
-    causal = torch.ones(C, C, dtype=torch.bool, device=b.device).tril()
-    return (b - b.transpose(-1, -2)).masked_fill_(~causal, float("-inf")).exp_()
-
-
-def _forward_parts(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None):
-    """Everything forward and backward share, recomputed in backward rather than saved."""
-    b = g.cumsum(-2)  # (B, H, N, C, K or 1) log decay since the chunk start
-    b_last = b[..., -1:, :]  # (B, H, N, 1, K or 1)
-    A = _intra_scores(q, k, b)  # (B, H, N, C, C)
-    q_decay = b.exp()  # decay from the chunk start to row i
-    k_decay = (b_last - b).exp()  # decay from row j to the chunk end
-    writes = (k * k_decay).transpose(-1, -2) @ v  # (B, H, N, K, V)
-    carry = b_last.transpose(-1, -2).exp()  # (B, H, N, K or 1, 1)
-    B, H, N, _, K = q.shape
-    state = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state
-    starts = torch.empty_like(writes)  # (B, H, N, K, V) state at every chunk start
-    for n in range(N):  # the only sequential part: one multiply-add per chunk
-        starts[:, :, n] = state
-        state = torch.addcmul(writes[:, :, n], carry[:, :, n], state)
-    return b, A, q_decay, k_decay, carry, starts, state
 
 
 class _ChunkedGLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None):  # chunked
-        _, A, q_decay, _, _, starts, final = _forward_parts(q, k, v, g, initial_state)
-        o = (A @ v).add_((q * q_decay) @ starts)  # (B, H, N, C, V)
-        ctx.save_for_backward(q, k, v, g, initial_state)
-        return o, final
+        p = _forward_parts(q, k, v, g, initial_state)
+        q_start = p.q_in if p.c == q.shape[-2] else q * p.q_decay  # q ⊙ exp(b)
+        o = (p.A @ v).add_(q_start @ p.starts)  # (B, H, N, C, V)
+        # the chunk-start states are the O((T / C) K V) part of the memory bound; A and the decays are recomputed
+        ctx.save_for_backward(q, k, v, g, p.starts)
+        ctx.has_initial_state = initial_state is not None
+        return o, p.final
 
     @staticmethod
     def backward(ctx, do: Tensor, dfinal: Tensor | None):
-        q, k, v, g, initial_state = ctx.saved_tensors
-        b, A, q_decay, k_decay, carry, starts, final = _forward_parts(q, k, v, g, initial_state)
-        N = q.shape[2]
+        q, k, v, g, starts = ctx.saved_tensors
+        p = _forward_parts(q, k, v, g, None, starts)
+        C, N = q.shape[-2], q.shape[2]
+        q_start = p.q_in if p.c == C else q * p.q_decay
         # reverse carry: dH after chunk n, for every n
-        from_outputs = (q * q_decay).transpose(-1, -2) @ do  # (B, H, N, K, V)
-        grad = torch.zeros_like(final) if dfinal is None else dfinal
+        from_outputs = q_start.transpose(-1, -2) @ do  # (B, H, N, K, V)
+        grad = torch.zeros_like(starts[:, :, 0]) if dfinal is None else dfinal
         after = torch.empty_like(from_outputs)
         for n in reversed(range(N)):
             after[:, :, n] = grad
-            grad = torch.addcmul(from_outputs[:, :, n], carry[:, :, n], grad)
+            grad = torch.addcmul(from_outputs[:, :, n], p.carry[:, :, n], grad)
         dinitial = grad
 
-        dv = A.transpose(-1, -2) @ do + (k * k_decay) @ after
-        C = q.shape[-2]
+        dv = (p.A.transpose(-1, -2) @ do).add_(p.k_out @ after)
         strictly_lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
         dA = (do @ v.transpose(-1, -2)).masked_fill_(~strictly_lower, 0)  # (B, H, N, C, C)
         dA_diag = (do * v).sum(-1, keepdim=True)  # (B, H, N, C, 1): the diagonal of do v^T
-        dq, dk = _intra_grads(dA, q, k, b)
-        dq_state = (do @ starts.transpose(-1, -2)) * q_decay
-        dk_state = (v @ after.transpose(-1, -2)) * k_decay
+        dq, dk = _intra_grads(dA, q, k, p)
+        dq.addcmul_(do @ p.starts.transpose(-1, -2), p.q_decay)  # now dq without the diagonal term
+        dk_out = v @ after.transpose(-1, -2)  # (B, H, N, C, K) gradient of k_out
 
         dg = None
         if ctx.needs_input_grad[3]:
-            # db from the b-dependent terms only (see module docstring); the terms that cancel exactly (diagonal of
-            # A, the last row's own undecayed write) are left out rather than subtracted, to keep dg accurate
-            # when exp(g) is tiny
-            db = q * (dq + dq_state) - k * dk
-            db[..., :-1, :] -= (k * dk_state)[..., :-1, :]
-            carried = (starts * after).sum(-1) * carry[..., 0]  # (B, H, N, K): exp(b_last) rowsum(S_n ⊙ dH_{n+1})
-            db[..., -1, :] += (k * dk_state)[..., :-1, :].sum(-2) + carried
+            # b-dependent terms only (module docstring): A's diagonal and the last row's own write are left out
+            db = (q * dq).sub_(k * dk)
+            through_end = p.k_out * dk_out  # k ⊙ dk through exp(b_last - b): -db_j, and +db_last summed over j
+            db[..., :-1, :] -= through_end[..., :-1, :]
+            carried = (p.starts * after).sum(-1) * p.carry[..., 0]  # (B, H, N, K): exp(b_last) rowsum(S_n ⊙ dH)
+            db[..., -1, :] += through_end[..., :-1, :].sum(-2) + carried
             if g.shape[-1] == 1:
                 db = db.sum(-1, keepdim=True)
-            dg = db.flip(-2).cumsum(-2).flip(-2)  # b_i = sum_{r <= i} g_r
-        dq = dq.add_(dq_state).addcmul_(dA_diag, k)
-        dk = dk.add_(dk_state).addcmul_(dA_diag, q)
-        needs_dinitial = initial_state is not None and ctx.needs_input_grad[4]
+            # b_i = sum_{r <= i} g_r, so dg_r = sum_{i >= r} db_i: a reverse cumsum, as a matmul with triu ones
+            dg = torch.ones(C, C, dtype=db.dtype, device=db.device).triu() @ db
+        dq = dq.addcmul_(dA_diag, k)
+        dk = dk.addcmul_(dk_out, p.k_decay).addcmul_(dA_diag, q)
+        needs_dinitial = ctx.has_initial_state and ctx.needs_input_grad[4]
         return dq, dk, dv, dg, (dinitial if needs_dinitial else None)
 
 
