@@ -60,6 +60,24 @@ def _pool_shape(agent_num: int, grid: tuple[int, int]) -> tuple[int, int]:
     return min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - target))
 
 
+def _depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Depthwise 3 (or 3x3) convolution with zero padding 1 on (B, C, L) or (B, C, h, w), as a sum of shifted copies.
+
+    Same numbers as ``F.conv1d``/``F.conv2d(..., padding=1, groups=C)`` (cross-correlation), but torch's CPU
+    depthwise convolution costs ~0.1 s per call in float32 and ~2 s in float64 on small inputs (torch 2.14), so the
+    nine (or three) taps are applied directly.
+    """
+    if x.dim() == 3:
+        L = x.shape[-1]
+        padded = F.pad(x, (1, 1))
+        out = sum(weight[:, 0, j, None] * padded[..., j : j + L] for j in range(3))
+        return out + bias[:, None]
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1))
+    out = sum(weight[:, 0, i, j, None, None] * padded[..., i : i + h, j : j + w] for i in range(3) for j in range(3))
+    return out + bias[:, None, None]
+
+
 def _masked_pool(x: Tensor, mask: Tensor | None, pool: nn.Module) -> Tensor:
     """Average pool (B, C, *spatial) over the real tokens only (mask (B, *spatial), True = real)."""
     if mask is None:
@@ -267,9 +285,8 @@ class AgentAttention(Attention):
             attn2 = self.attn_drop(torch.softmax(logits2, dim=-1))
             o = torch.einsum("bhtm,bhmd->bthd", attn2, agent_v).reshape(B, T, C)  # (B, T, C)
             if not self.cross:
-                conv = F.conv1d if self.grid_size is None else F.conv2d
                 weight, bias = self.dwc.weight.to(dtype), self.dwc.bias.to(dtype)
-                dwc = conv(self._grid(v[:, P:]), weight, bias, padding=1, groups=C)  # depthwise, same size
+                dwc = _depthwise_conv(self._grid(v[:, P:]), weight, bias)  # (B, C, L) or (B, C, h, w)
                 o = torch.cat([o[:, :P], o[:, P:] + dwc.flatten(2).transpose(1, 2)], dim=1)
         return self.proj_drop(self.proj(o.to(x.dtype)))
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.layers import build_attention
-from attnzoo.layers.agent import _pool_shape
+from attnzoo.layers.agent import _depthwise_conv, _pool_shape
 
 DIM, HEADS = 32, 4
 D = DIM // HEADS
@@ -172,6 +172,17 @@ def test_pool_shape_follows_the_grid():
     assert _pool_shape(16, (4, 4)) == (4, 4)
     assert _pool_shape(8, (4, 8)) == (2, 4)
     assert _pool_shape(7, (3, 5)) == (1, 7)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 11), (2, 8, 3, 5)], ids=["1d", "2d"])
+def test_depthwise_conv_matches_torch_conv(shape):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen)
+    weight = torch.randn(8, 1, *([3] * (len(shape) - 2)), generator=gen)
+    bias = torch.randn(8, generator=gen)
+    conv = F.conv1d if len(shape) == 3 else F.conv2d
+    ref = conv(x, weight, bias, padding=1, groups=8)
+    torch.testing.assert_close(_depthwise_conv(x, weight, bias), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_cross_is_agentsd_without_biases_or_conv():
