@@ -10,3 +10,54 @@ if not torch.cuda.is_available():
 
 # two cores: more threads than cores only adds contention in small-tensor tests
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Composed training configs (the lightning-hydra-template's conftest): train.yaml composed once, shrunk to a CPU-fast
+# size, and given a fresh output directory per test.
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+import attnzoo.configs  # noqa: E402
+
+CONFIG_DIR = os.path.dirname(attnzoo.configs.__file__)
+
+
+def compose_train(overrides: list[str] | None = None) -> DictConfig:
+    """``configs/train.yaml`` composed with ``overrides`` (outside any Hydra app, as tests need)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        return compose(config_name="train", overrides=list(overrides or []))
+
+
+def shrink(cfg: DictConfig, output_dir, data_dir) -> DictConfig:
+    """Small data, one epoch, no progress bar, output and data cache under pytest's tmp dirs."""
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.data_dir = str(data_dir)
+        if cfg.data.get("name") == "mqar":
+            cfg.data.num_examples = {"train": 256, "val": 64, "test": 64}
+            cfg.data.batch_size = 32
+        cfg.trainer.max_epochs = 1
+        cfg.trainer.enable_model_summary = False
+        cfg.trainer.log_every_n_steps = 1
+        if cfg.get("callbacks"):
+            cfg.callbacks.pop("rich_progress_bar", None)
+        cfg.trainer.enable_progress_bar = False
+        cfg.scheduler.warmup_steps = 2
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One generated-data cache for the whole session, never the user's ~/.cache."""
+    return tmp_path_factory.mktemp("attnzoo_data")
+
+
+@pytest.fixture
+def cfg_train(tmp_path, data_dir) -> DictConfig:
+    """The default training config, shrunk, writing into this test's tmp_path."""
+    return shrink(compose_train(), tmp_path, data_dir)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -160,6 +161,8 @@ def _instantiate_all(group: Any) -> list[Any]:
 def run(cfg: DictConfig) -> float | None:
     """Train, test and summarise one configuration; return ``cfg.optimized_metric`` (None if not logged)."""
     started = time.perf_counter()
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     try:
