@@ -142,12 +142,11 @@ def _setup(cfg: DictConfig) -> tuple[Any, dict[str, Any], L.LightningModule, str
         raise ConfigError("the config needs a model and a data group (see configs/train.yaml).")
     try:
         datamodule = build_datamodule(cfg.data)
+        model_cfg = model_config(cfg, datamodule)
+        task = build_task(cfg, model_cfg)  # builds the model: unknown option, pattern, dim % heads, ...
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as err:
-        raise ConfigError(str(err)) from err
-    model_cfg = model_config(cfg, datamodule)
-    try:
-        task = build_task(cfg, model_cfg)
-    except (ValueError, TypeError) as err:  # unknown attention option, pattern, dim % heads, ...
         raise ConfigError(str(err)) from err
     return datamodule, model_cfg, task, None if ckpt_path is None else str(Path(str(ckpt_path)).expanduser())
 
