@@ -37,7 +37,7 @@ def test_swap_to_softmax_reproduces_outputs(qk_norm):
 
 @pytest.mark.parametrize("name", list_attention("noncausal_self"))
 def test_swap_reports_transferred_and_new(name):
-    model = timm_vit()
+    model = timm_vit(depth=1)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     report = swap_attention(model, name)
     params = dict(model.named_parameters())

@@ -16,18 +16,18 @@ SMALL = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32,
 
 @pytest.fixture(scope="module")
 def digits_batch(tmp_path_factory):
-    dm = DigitsDataModule(batch_size=16, data_dir=tmp_path_factory.mktemp("data"))
+    dm = DigitsDataModule(batch_size=8, data_dir=tmp_path_factory.mktemp("data"))
     return next(iter(dm.train_dataloader()))
 
 
 @pytest.mark.parametrize("name", list_attention("noncausal_self"))
 def test_every_noncausal_attention_trains_one_step_on_digits(name, digits_batch):
     torch.manual_seed(0)
-    model = ViT(**SMALL, attention=name)
+    model = ViT(**{**SMALL, "depth": 1}, attention=name)  # one block: the registry is long and the CPU shared
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     logits = model(digits_batch["inputs"])
-    assert logits.shape == (16, 10)
+    assert logits.shape == (8, 10)
     loss = F.cross_entropy(logits, digits_batch["labels"])
     if model.aux_loss is not None:
         loss = loss + model.aux_loss
