@@ -4,6 +4,8 @@ sizes, T not a multiple of the chunk), plus the properties of specs/attention.md
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,6 +191,18 @@ def test_long_sequence_bfloat16_is_finite(op):
     out = run_with_grads(op, "torch", q.bfloat16(), k.bfloat16(), v.bfloat16(), g, state, chunk_size=64)
     for name in NAMES:
         assert torch.isfinite(out[name]).all(), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (runs under TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("op", list(OPS))
+def test_triton_matches_reference(op):
+    """Forward and backward Triton kernels under the interpreter: tiny shapes, T=40 not a multiple of the chunk,
+    K=20 and V=12 not multiples of the feature tiles; output, final state and every gradient."""
+    inputs = make_inputs(op, 1, 40, 2, 20, 12)
+    ref = run_with_grads(op, "reference", *inputs)
+    got = run_with_grads(op, "triton", *inputs, chunk_size=16)
+    for name in NAMES:
+        assert_close(name, ref[name], got[name], 1e-10)
 
 
 def test_errors_name_the_argument_and_the_fix():
