@@ -23,6 +23,7 @@ nor decays the state (k = v = 0, log-decay 0, and its input zeroed before the co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,11 @@ from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.short_conv import ShortConvolution
 
 GATE_FNS = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid, "gelu": F.gelu}
+# Floor on every per-step log-decay handed to the scan kernels. A step decay of exp(-60) ~ 1e-26 already erases the
+# state to below float32/float64 resolution, so the floor changes no result beyond rounding; it keeps the kernels'
+# exponents in range (the chunked kernel at 010ce82 returns NaN once a single step's log-decay is below about -88,
+# e.g. a GLA gate logit below -1400 or a Mamba-2 dt * A below -88).
+MIN_LOG_DECAY = -60.0
 NORMS = {"rmsnorm": nn.RMSNorm, "layernorm": nn.LayerNorm}
 
 
@@ -64,13 +70,20 @@ def head_norm(norm_type: str, head_dim: int, eps: float, elementwise_affine: boo
     return NORMS[norm_type](head_dim, eps=eps, elementwise_affine=elementwise_affine)
 
 
-def norm_and_gate(norm: nn.Module, gate_fn, o: Tensor, g: Tensor | None) -> Tensor:
+def norm_and_gate(norm: nn.Module, gate_fn: Callable[[Tensor], Tensor] | None, o: Tensor, g: Tensor | None) -> Tensor:
     """``norm(o) * gate_fn(g)`` per head (FLA's ``FusedRMSNormGated`` for swish), in float32 at least as FLA keeps
-    ``g_norm`` in float32; only the norm when ``gate_fn`` is None. o, g: (B, T, H, V)."""
+    ``g_norm`` in float32 (also for a model cast to half precision); only the norm when ``gate_fn`` is None.
+    o, g: (B, T, H, V)."""
+    dtype = float32_at_least(o).dtype
+    weight = None if norm.weight is None else norm.weight.to(dtype)
     with torch.autocast(o.device.type, enabled=False):
-        out = norm(float32_at_least(o))
+        if isinstance(norm, nn.RMSNorm):
+            out = F.rms_norm(o.to(dtype), norm.normalized_shape, weight, norm.eps)
+        else:
+            bias = None if norm.bias is None else norm.bias.to(dtype)
+            out = F.layer_norm(o.to(dtype), norm.normalized_shape, weight, bias, norm.eps)
         if gate_fn is not None:
-            out = out * gate_fn(float32_at_least(g))
+            out = out * gate_fn(g.to(dtype))
     return out.to(o.dtype)
 
 
@@ -201,12 +214,13 @@ class GatedLinearAttention(Attention):
         init_fla_(self)
 
     def log_decay(self, x: Tensor) -> Tensor:
-        """(B, T, D) -> (B, T, H_kv, K) log forget gate in float32: logsigmoid(gk_proj(x)) / tau, clamped."""
+        """(B, T, D) -> (B, T, H_kv, K) log forget gate in float32: logsigmoid(gk_proj(x)) / tau, clamped at clamp_min
+        (and at MIN_LOG_DECAY = -60, a decay of 1e-26, to keep the kernel's exponents in range)."""
         logits = float32_at_least(self.gk_proj(x))
         # logsigmoid, not log(sigmoid): finite for very negative logits
         log_decay = F.logsigmoid(logits) / self.gate_logit_normalizer
-        if self.clamp_min is not None:
-            log_decay = log_decay.clamp_min(self.clamp_min)
+        floor = MIN_LOG_DECAY if self.clamp_min is None else max(self.clamp_min, MIN_LOG_DECAY)
+        log_decay = log_decay.clamp_min(floor)
         return log_decay.view(*x.shape[:2], self.num_kv_heads, self.head_k_dim)
 
     def _heads(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:

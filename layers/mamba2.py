@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from attnzoo.kernels import simple_gla
 from attnzoo.layers.bidirectional import scan_both_ways
-from attnzoo.layers.gla import check_cache, float32_at_least
+from attnzoo.layers.gla import MIN_LOG_DECAY, check_cache, float32_at_least
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.short_conv import ShortConvolution
 
@@ -189,7 +189,8 @@ class Mamba2(Attention):
         if keep is not None:  # padded positions write nothing (their dt is already 0)
             B = B * keep[..., None]
         A = -torch.exp(self.A_log.to(dtype))  # (H,)
-        return C, B, x * dt[..., None], dt * A, x
+        log_decay = (dt * A).clamp_min(MIN_LOG_DECAY)  # exp(-60) ~ 1e-26 is already a full reset (see gla.py)
+        return C, B, x * dt[..., None], log_decay, x
 
     def _skip(self, x: Tensor) -> Tensor:
         D = self.D.to(x.dtype)

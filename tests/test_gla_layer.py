@@ -239,3 +239,15 @@ def test_gpt_trains_and_generates():
     cached = model.generate(prompt, 4, temperature=0)
     torch.testing.assert_close(cached, model.generate(prompt, 4, temperature=0, use_cache=False))
     assert cached.shape == (2, 9)
+
+
+@pytest.mark.parametrize("options", [{}, {"norm_type": "layernorm", "elementwise_affine": False}], ids=["rms", "ln"])
+def test_half_precision_model_runs_with_float32_norm(options):
+    """A model cast to bf16 (no autocast) still normalises in float32 and returns bf16."""
+    layer = build_attention("gla", dim=DIM, num_heads=HEADS, causal=False, **options).to(torch.bfloat16)
+    x = torch.randn(2, 20, DIM)
+    out = layer(x.to(torch.bfloat16))
+    ref = build_attention("gla", dim=DIM, num_heads=HEADS, causal=False, **options)
+    ref.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref(x.to(torch.bfloat16).float()), atol=2e-3, rtol=5e-2)
