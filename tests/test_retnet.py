@@ -114,7 +114,7 @@ def test_gpt_trains_and_generates():
     data = torch.arange(16).repeat(4, 2)[:, :17]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
     losses = []
-    for _ in range(6):
+    for _ in range(5):
         loss = F.cross_entropy(model(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
@@ -122,5 +122,16 @@ def test_gpt_trains_and_generates():
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
     prompt = data[:2, :5]
-    cached = model.generate(prompt, 4, temperature=0)
-    torch.testing.assert_close(cached, model.generate(prompt, 4, temperature=0, use_cache=False))
+    cached = model.generate(prompt, 3, temperature=0)
+    torch.testing.assert_close(cached, model.generate(prompt, 3, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_triton_backend_matches_torch(causal):
+    """backend= reaches the kernel: Triton (the CPU interpreter here, conftest sets TRITON_INTERPRET=1) == torch."""
+    torch.manual_seed(0)
+    ref = build_attention("retnet", dim=DIM, num_heads=2, causal=causal, backend="torch", **{})
+    got = build_attention("retnet", dim=DIM, num_heads=2, causal=causal, backend="triton", **{})
+    got.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 20, DIM)
+    torch.testing.assert_close(got(x), ref(x), atol=1e-5 * ref(x).abs().max().item(), rtol=1e-4)
