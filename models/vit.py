@@ -98,6 +98,11 @@ class TimmAttentionAdapter:
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # the class is made at run time, so pickle (ddp_spawn, torch.save of a whole model) rebuilds it from the spec
+        cls = type(self)
+        return (_new_adapter, (cls.zoo_base.name, dict(cls.zoo_spec)), self.__getstate__())
+
     def forward(
         self,
         x: Tensor,
@@ -138,6 +143,12 @@ def _key_padding_mask(attn_mask: Tensor, x: Tensor, label: str) -> Tensor:
 
 
 _ADAPTERS: dict[str, type] = {}
+
+
+def _new_adapter(name: str, options: dict[str, Any]) -> Any:
+    """Unpickling helper: an empty instance of the adapter class for ``name`` with ``options``."""
+    cls = timm_attention_class({"name": name, **options})
+    return cls.__new__(cls)
 
 
 def timm_attention_class(

@@ -130,3 +130,15 @@ def test_experiment_vit_digits_runs_and_checkpoint_reloads(tmp_path, data_dir):
     assert isinstance(task.model, ViT) and task.model.patch_embed.grid_size == (4, 4)
     batch = torch.randn(2, 1, 8, 8)
     assert task.eval()(batch).shape == (2, 10)
+
+
+def test_pickle_and_deepcopy_rebuild_the_runtime_adapter_classes():
+    """Adapter classes are made at run time; pickling (ddp_spawn, torch.save of a whole model) must still work."""
+    import copy
+    import pickle
+
+    model = ViT(**SMALL, attention=["softmax", {"name": "softmax", "qk_norm": True}]).eval()
+    x = torch.randn(2, 1, 8, 8)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        torch.testing.assert_close(clone(x), model(x), atol=0, rtol=0)
+        assert type(clone.blocks[1].attn) is type(model.blocks[1].attn)
