@@ -12,6 +12,17 @@ import torch
 
 from attnzoo.kernels import gla, simple_gla
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: with two threads on a loaded two-core machine, OpenMP's waiting costs far more than
+    the work (measured 30x slower for the token loop of the reference), so each test runs on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 GOLDEN = torch.load(Path(__file__).parent / "golden" / "gla.pt", weights_only=True)
 HAS_TRITON = importlib.util.find_spec("triton") is not None and importlib.util.find_spec("attnzoo.kernels.gla.triton")
 BACKENDS = [
