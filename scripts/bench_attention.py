@@ -163,8 +163,23 @@ def linear_attn_cumsum_case(B, T, H, D, causal, dtype, feature_dim=None) -> Case
     return Case(list(_qkv(B, T, H, D, dtype, feature_dim, positive=True)), fn)
 
 
+def gla_case(backend: str) -> KernelFactory:
+    def factory(B, T, H, D, causal, dtype, feature_dim=None) -> Case:
+        from attnzoo.kernels import gla
+
+        q, k, v = _qkv(B, T, H, D, dtype, feature_dim)
+        gen = torch.Generator().manual_seed(1)  # FLA's gate: logsigmoid / 16, float32
+        g = (F.logsigmoid(torch.randn(*q.shape, generator=gen)) / 16).requires_grad_(True)
+        return Case([q, k, v, g], lambda q, k, v, g: gla(q, k, v, g, backend=backend)[0])
+
+    factory.__doc__ = f"attnzoo.kernels.gla (causal by nature), backend={backend!r}, gates logsigmoid / 16."
+    return factory
+
+
 KERNEL_OPS: dict[str, KernelFactory] = {
     "sdpa": sdpa_case,
+    "gla": gla_case("torch"),
+    "gla_reference": gla_case("reference"),
     "linear_attn": linear_attn_case("torch"),
     "linear_attn_reference": linear_attn_case("reference"),
     "linear_attn_cumsum": linear_attn_cumsum_case,
