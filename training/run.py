@@ -199,6 +199,7 @@ def run(cfg: DictConfig) -> float | None:
         summary = {
             "config_name": _config_name(),
             "overrides": _overrides(),
+            "choices": _choices(),
             "model": model_cfg["name"],
             "attention": attention_names(model_cfg),
             "attention_specs": model_cfg["attention"],
@@ -231,6 +232,17 @@ def _config_name() -> str:
         return str(HydraConfig.get().job.config_name)
     except ValueError:  # run() called without @hydra.main (tests, notebooks)
         return "train"
+
+
+def _choices() -> dict[str, str | None]:
+    """The config group options of this run, e.g. ``{"model": "gpt", "attention": "softmax", "experiment": None}``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = OmegaConf.to_container(HydraConfig.get().runtime.choices)
+        return {k: v for k, v in choices.items() if not k.startswith("hydra")}
+    except ValueError:
+        return {}
 
 
 def _overrides() -> list[str]:
