@@ -246,18 +246,21 @@ class _TorchvisionDataModule(_ImageDataModule):
         raise NotImplementedError
 
     def prepare_data(self) -> None:
-        self._dataset(train=True)
-        self._dataset(train=False)
+        self._checked_dataset(train=True)  # downloads once per node when download=true
+        self._checked_dataset(train=False)
 
-    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+    def _checked_dataset(self, train: bool) -> Any:
         try:
-            ds = self._dataset(train)
+            return self._dataset(train)
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
             raise FileNotFoundError(
                 f"{self.name}: no data set found in {self.root}. Expected layout: {_LAYOUTS[self.name]}. Put the "
                 f"files there, point data.root=<folder> at them, or pass data.download=true on a machine with a "
                 f"network. (torchvision said: {err})"
             ) from None
+
+    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+        ds = self._checked_dataset(train)
         images = torch.as_tensor(np.asarray(ds.data))
         images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)  # (N, C, H, W)
         return images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)

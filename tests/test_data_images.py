@@ -75,9 +75,10 @@ def test_mnist_from_local_folder(tmp_path):
 @pytest.mark.parametrize("cls,layout", [(CIFAR10DataModule, "cifar-10-batches-py"), (MNISTDataModule, "MNIST/raw")])
 def test_missing_folder_names_the_layout_and_download(cls, layout, tmp_path):
     dm = cls(root=tmp_path / "nothing")
-    with pytest.raises(FileNotFoundError, match="Expected layout") as err:
-        dm.setup()
-    assert layout in str(err.value) and "download=true" in str(err.value)
+    for step in (dm.prepare_data, dm.setup):
+        with pytest.raises(FileNotFoundError, match="Expected layout") as err:
+            step()
+        assert layout in str(err.value) and "download=true" in str(err.value)
 
 
 def test_registered_and_built_by_name(tmp_path):
