@@ -129,6 +129,31 @@ def _diag_blocks(A: Tensor, c: int) -> Tensor:
     return torch.diagonal(blocks, dim1=len(lead), dim2=len(lead) + 2).movedim(-1, -3)
 
 
+def _chunk_transfer(carry_log: Tensor) -> tuple[Tensor, Tensor]:
+    """Closed form of the chunk carry S_{n+1} = exp(a_n) S_n + U_n, from carry_log a (B, H, N, K or 1).
+
+    Returns W (B, H, K or 1, N + 1, N) with W[n, m] = exp(sum_{m < l < n} a_l) for m < n, else 0 (pairwise
+    differences of cumulative sums, masked with -inf before exp, so every exponent is <= 0), and decay0
+    (B, H, N + 1, K or 1) = exp(sum_{l < n} a_l). Then S_n = sum_m W[n, m] U_m + decay0[n] S_0 for n = 0..N (row N is
+    the final state), and the reverse carry is the transpose. Replaces N sequential small ops by one batched matmul.
+    """
+    a = carry_log.transpose(-1, -2)  # (B, H, K or 1, N)
+    before = F.pad(a.cumsum(-1), (1, 0))  # (..., N + 1): sum_{l < n} a_l
+    N = a.shape[-1]
+    upto = before[..., 1:]  # (..., N): sum_{l <= m} a_l
+    lower = torch.ones(N + 1, N, dtype=torch.bool, device=a.device).tril(-1)  # m < n
+    W = (before[..., :, None] - upto[..., None, :]).masked_fill_(~lower, float("-inf")).exp_()
+    return W, before.exp().transpose(-1, -2)
+
+
+def _carry_apply(W: Tensor, x: Tensor) -> Tensor:
+    """sum_m W[r, m] x_m per key channel: W (B, H, K or 1, R, M), x (B, H, M, K, V) -> (B, H, R, K, V)."""
+    B, H, M, K, V = x.shape
+    if W.shape[2] == 1:  # scalar gate: one decay for all of K x V
+        return (W[:, :, 0] @ x.reshape(B, H, M, K * V)).view(B, H, -1, K, V)
+    return (W @ x.transpose(2, 3)).transpose(2, 3)
+
+
 class _Parts(NamedTuple):
     """What forward and backward share, recomputed in backward rather than saved (chunked shapes (B, H, N, ...))."""
 
@@ -183,10 +208,17 @@ def _forward_parts(
         writes = k_out.transpose(-1, -2) @ v  # (B, H, N, K, V)
         B, H, N, _, K = q.shape
         state = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state
-        starts = torch.empty_like(writes)
-        for n in range(N):  # the only sequential part: one multiply-add per chunk
-            starts[:, :, n] = state
-            state = torch.addcmul(writes[:, :, n], carry[:, :, n], state)
+        if N <= 2 * C:  # closed form; its (N + 1) x N decay matrix costs at most twice q's memory
+            W, decay0 = _chunk_transfer(b_last[..., 0, :])
+            states = _carry_apply(W, writes)  # (B, H, N + 1, K, V)
+            if initial_state is not None:
+                states = states.addcmul_(decay0[..., None], initial_state[:, :, None])
+            starts, state = states[:, :, :N], states[:, :, N]
+        else:  # one multiply-add per chunk
+            starts = torch.empty_like(writes)
+            for n in range(N):
+                starts[:, :, n] = state
+                state = torch.addcmul(writes[:, :, n], carry[:, :, n], state)
     return _Parts(b, c, q_exp, q_in, k_exp, k_in, A, q_decay, k_decay, k_out, carry, starts, state)
 
 
@@ -231,12 +263,23 @@ class _ChunkedGLA(torch.autograd.Function):
         q_start = p.q_in if p.c == C else q * p.q_decay
         # reverse carry: dH after chunk n, for every n
         from_outputs = q_start.transpose(-1, -2) @ do  # (B, H, N, K, V)
-        grad = torch.zeros_like(starts[:, :, 0]) if dfinal is None else dfinal
-        after = torch.empty_like(from_outputs)
-        for n in reversed(range(N)):
-            after[:, :, n] = grad
-            grad = torch.addcmul(from_outputs[:, :, n], p.carry[:, :, n], grad)
-        dinitial = grad
+        if N <= 2 * C:  # closed form, as in the forward: the reverse carry is the transposed transfer
+            W, decay0 = _chunk_transfer(p.b[..., -1, :])
+            if dfinal is not None:  # the final state's gradient enters as row N
+                from_outputs = torch.cat([from_outputs, dfinal[:, :, None]], dim=2)
+                W = W.transpose(-1, -2)
+            else:
+                W = W[..., :N, :].transpose(-1, -2)
+                decay0 = decay0[:, :, :N]
+            after = _carry_apply(W, from_outputs)  # (B, H, N, K, V)
+            dinitial = (from_outputs * decay0[..., None]).sum(2)
+        else:
+            grad = torch.zeros_like(starts[:, :, 0]) if dfinal is None else dfinal
+            after = torch.empty_like(from_outputs)
+            for n in reversed(range(N)):
+                after[:, :, n] = grad
+                grad = torch.addcmul(from_outputs[:, :, n], p.carry[:, :, n], grad)
+            dinitial = grad
 
         dv = (p.A.transpose(-1, -2) @ do).add_(p.k_out @ after)
         strictly_lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
