@@ -9,6 +9,8 @@ the z gate are applied here, identically for all of them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -92,6 +94,9 @@ def selective_scan(
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A = u.to(acc), delta.to(acc), A.to(acc)
         B, C = (_grouped(M, batch, E, N, L).to(acc) for M in (B, C))
+        if B.shape[1] != C.shape[1]:  # backends take one grouping for both: refine both to the lcm
+            G = math.lcm(B.shape[1], C.shape[1])
+            B, C = (M.repeat_interleave(G // M.shape[1], dim=1) for M in (B, C))
         if delta_bias is not None:
             delta = delta + delta_bias.to(acc)[:, None]
         if delta_softplus:
