@@ -196,3 +196,25 @@ def test_bad_options_raise_with_the_valid_values():
         build_attention("performer", dim=16, num_heads=2, kernel="reLu")
     with pytest.raises(ValueError, match="ortho_scaling must be 0"):
         build_attention("performer", dim=16, num_heads=2, ortho_scaling=2)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(kernel="relu"), dict(eps_placement="key_sum", ortho_scaling=1), dict(feature_eps=0.0, denom_eps=0.0)],
+    ids=["relu", "key_sum", "no-eps"],
+)
+def test_other_options_keep_padding_and_streaming_exact(options):
+    """The registry-wide contract runs the defaults only; the options that support decoding keep it exact too."""
+    torch.manual_seed(0)
+    layer = build_attention("performer", dim=16, num_heads=2, causal=True, nb_features=12, **options).double().eval()
+    x = torch.randn(2, 12, 16, **F64)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, [1, 6]] = False
+    mask[1, :2] = False
+    full = layer(x, padding_mask=mask)
+    noisy = torch.where(mask[..., None], x, 5 * torch.randn_like(x))
+    torch.testing.assert_close(layer(noisy, padding_mask=mask)[mask], full[mask], atol=1e-12, rtol=1e-10)
+    cache = layer.new_cache(2)
+    parts = [layer(x[:, :5], padding_mask=mask[:, :5], cache=cache)]
+    parts += [layer(x[:, t : t + 1], padding_mask=mask[:, t : t + 1], cache=cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1)[mask], full[mask], atol=1e-12, rtol=1e-10)
