@@ -208,7 +208,8 @@ def layer_case_factory(name: str, pattern: str) -> Callable[..., Case]:
 # running
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, on_length: Callable[[dict], None] | None = None) -> dict:
+    """Measure every method at every length; ``on_length(partial_result)`` is called after each length."""
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     causal = args.pattern.startswith("causal")
@@ -264,7 +265,13 @@ def run(args: argparse.Namespace) -> dict:
             rows.append(dict(method=n, T=T, skipped=skipped[n]))
         del cases
         print(f"T={T}: done ({', '.join(active)})", file=sys.stderr, flush=True)
-    # ratios against the baseline of the same length (same run, medians)
+        if on_length is not None:
+            on_length(summarise(args, baseline, rows))
+    return summarise(args, baseline, rows)
+
+
+def summarise(args: argparse.Namespace, baseline: str, rows: list[dict]) -> dict:
+    """Add ratios against the baseline at the same length (same run, medians) and the run's configuration."""
     base = {r["T"]: r for r in rows if r["method"] == baseline and "skipped" not in r}
     for r in rows:
         b = base.get(r["T"])
@@ -382,15 +389,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write(result: dict, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = to_markdown(result)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    plot(result, out / "results.png")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = to_markdown(result)
-    (args.out / "results.md").write_text(table)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    plot(result, args.out / "results.png")
-    print(table)
+    # files are rewritten after every length, so an interrupted long run keeps what it measured
+    result = run(args, on_length=lambda partial: write(partial, args.out))
+    print(write(result, args.out))
     print(f"wrote {args.out}/results.md, results.json, results.png", file=sys.stderr)
 
 
