@@ -78,11 +78,23 @@ def _offdiag_blocks(A: Tensor, s: int) -> Tensor:
     return diag[..., 1, :, 0, :, :].movedim(-1, -3)
 
 
+def _exp(x: Tensor) -> Tensor:
+    """exp(x) in place, with exponents below the dtype's floor (masked -inf entries included) mapped to exactly 0.
+
+    exp(-80) = 2e-35 in float32 (exp(-700) = 1e-304 in float64) is ~28 orders of magnitude below the precision of any
+    sum it enters, but smaller values would be denormals, which make exp and matmul ~100x slower on x86 CPUs; exp of
+    -inf or of very negative arguments is itself 5-20x slower than the normal range, so those are clamped, then zeroed.
+    """
+    floor = -700.0 if x.dtype == torch.float64 else -80.0
+    dead = x < floor
+    return x.clamp_min_(floor).exp_().masked_fill_(dead, 0)
+
+
 def _level_factors(b: Tensor, s: int) -> tuple[Tensor, Tensor]:
     """exp(b_i - b_r) for lower-half rows and exp(b_r - b_j) for upper-half rows, r = first lower row; both <= 1."""
     upper, lower = _level_views(b, s)
     ref = lower[..., :1, :]  # (..., nb, 1, K)
-    return (lower - ref).exp_(), (ref - upper).exp_()
+    return _exp(lower - ref), _exp(ref - upper)
 
 
 # Largest sum of |g| over a block that is factored directly: exp(b_i - b_f) and exp(b_f - b_j) then lie in
@@ -119,7 +131,7 @@ def _direct_factors(b: Tensor, c: int) -> tuple[Tensor, Tensor]:
     *lead, C, K = b.shape
     blocks = b.view(*lead, C // c, c, K)
     before = F.pad(blocks[..., :-1, -1:, :], (0, 0, 0, 0, 1, 0))  # (..., C / c, 1, K)
-    return (blocks - before).exp_().view_as(b), (before - blocks).exp_().view_as(b)
+    return _exp(blocks - before).view_as(b), _exp(before - blocks).view_as(b)
 
 
 def _diag_blocks(A: Tensor, c: int) -> Tensor:
@@ -142,8 +154,8 @@ def _chunk_transfer(carry_log: Tensor) -> tuple[Tensor, Tensor]:
     N = a.shape[-1]
     upto = before[..., 1:]  # (..., N): sum_{l <= m} a_l
     lower = torch.ones(N + 1, N, dtype=torch.bool, device=a.device).tril(-1)  # m < n
-    W = (before[..., :, None] - upto[..., None, :]).masked_fill_(~lower, float("-inf")).exp_()
-    return W, before.exp().transpose(-1, -2)
+    W = _exp((before[..., :, None] - upto[..., None, :]).masked_fill_(~lower, float("-inf")))
+    return W, _exp(before.clone()).transpose(-1, -2)
 
 
 def _carry_apply(W: Tensor, x: Tensor) -> Tensor:
@@ -179,9 +191,9 @@ def _forward_parts(
     C = q.shape[-2]
     b = g.cumsum(-2)
     c = _direct_block_size(g, b)
-    q_decay = b.exp()
+    q_decay = _exp(b.clone())
     if c == C:
-        q_exp, k_exp = q_decay, b.neg().exp_()
+        q_exp, k_exp = q_decay, _exp(b.neg())
     else:
         q_exp, k_exp = _direct_factors(b, c)
     q_in, k_in = q * q_exp, k * k_exp
@@ -200,7 +212,7 @@ def _forward_parts(
             _offdiag_blocks(A, s).copy_(q_low @ k_up.transpose(-1, -2))
             s *= 2
     b_last = b[..., -1:, :]  # (B, H, N, 1, K or 1)
-    k_decay = (b_last - b).exp_()
+    k_decay = _exp(b_last - b)
     k_out = k * k_decay
     carry = b_last.transpose(-1, -2).exp()  # (B, H, N, K or 1, 1)
     state = None
