@@ -17,8 +17,10 @@ half) is factored around r = the first row of the lower half, exp(b_i - b_r) exp
 BOTH factors are <= 1 for any g <= 0 (-20 per step, or -1e4, is fine); one (s, K) x (K, s) matmul per level. Scalar
 gates (simple GLA) take the same path with g broadcast over K (b is (..., C, 1), so the factors cost nothing).
 
-Inter-chunk: the chunk writes (k ⊙ exp(b_last - b))^T v are batched matmuls; the carry S_{n+1} = a_n S_n + U_n is one
-fused multiply-add per chunk (a Python loop over chunks, never over time).
+Inter-chunk: the chunk writes U_n = (k ⊙ exp(b_last - b))^T v are batched matmuls; the carry S_{n+1} = a_n S_n + U_n
+is solved in closed form by one matmul with a masked pairwise decay matrix over chunks (_chunk_transfer) when there
+are at most 2C chunks (its memory is then at most twice q's), otherwise by one fused multiply-add per chunk (a Python
+loop over chunks, never over time).
 
 Backward (custom autograd.Function) keeps only q, k, v, g and the initial state, and recomputes A and the chunk states
 (memory O(T (K + V + C) + (T / C) K V)). With do, and dH_{n+1} = gradient reaching S_{n+1}
