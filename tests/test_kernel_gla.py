@@ -164,7 +164,7 @@ def test_causality(op):
     assert not torch.allclose(o[:, 30:], o2[:, 30:])
 
 
-@pytest.mark.parametrize("gate", ["near_zero", "very_negative", "mixed"])
+@pytest.mark.parametrize("gate", ["near_zero", "very_negative", "mixed", "below_exp_range"])
 @pytest.mark.parametrize("op", list(OPS))
 def test_extreme_gates(op, gate):
     """g ~ -1e-6 (alpha -> 1), g = -20 per step (alpha ~ 2e-9: exp(-b) over a chunk of 64 would be exp(1280) = inf),
@@ -175,12 +175,24 @@ def test_extreme_gates(op, gate):
         g = -1e-6 * torch.rand(g.shape, generator=gen, dtype=g.dtype)
     elif gate == "very_negative":
         g = torch.full_like(g, -20.0)
+    elif gate == "below_exp_range":  # exp(100) overflows float32: the 1 x 1 diagonal blocks must not factor it
+        g = torch.full_like(g, -100.0)
     else:
         g = torch.where(torch.rand(g.shape, generator=gen, dtype=g.dtype) < 0.5, -30.0, -1e-4).to(g.dtype)
     ref = run_with_grads(op, "reference", q, k, v, g, state)
     got = run_with_grads(op, "torch", *[t.float() for t in (q, k, v, g, state)], chunk_size=64)
     for name in NAMES:
         assert_close(name, ref[name], got[name], 1e-4)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_single_step_with_a_gate_below_the_exp_range(op):
+    q, k, v, g, state = make_inputs(op, 2, 1, 2, 16, 8)
+    g = torch.full_like(g, -1e4)
+    ref = run_with_grads(op, "reference", q, k, v, g, state)
+    got = run_with_grads(op, "torch", *[t.float() for t in (q, k, v, g, state)], chunk_size=64)
+    for name in NAMES:
+        assert_close(name, ref[name], got[name], 1e-5)
 
 
 @pytest.mark.parametrize("op", list(OPS))

@@ -194,7 +194,9 @@ def _forward_parts(
     b = g.cumsum(-2)
     c = _direct_block_size(g, b)
     q_decay = _exp(b.clone())
-    if c == C:
+    if c == 1:  # 1 x 1 diagonal blocks have decay exactly 1; factoring exp(g_i) exp(-g_i) would overflow for g < -88
+        q_exp = k_exp = torch.ones_like(b)
+    elif c == C:
         q_exp, k_exp = q_decay, _exp(b.neg())
     else:
         q_exp, k_exp = _direct_factors(b, c)
@@ -262,7 +264,7 @@ class _ChunkedGLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None):  # chunked
         p = _forward_parts(q, k, v, g, initial_state)
-        q_start = p.q_in if p.c == q.shape[-2] else q * p.q_decay  # q ⊙ exp(b)
+        q_start = p.q_in if p.q_exp is p.q_decay else q * p.q_decay  # q ⊙ exp(b)
         o = (p.A @ v).add_(q_start @ p.starts)  # (B, H, N, C, V)
         # the chunk-start states are the O((T / C) K V) part of the memory bound; A and the decays are recomputed
         ctx.save_for_backward(q, k, v, g, p.starts)
@@ -274,7 +276,7 @@ class _ChunkedGLA(torch.autograd.Function):
         q, k, v, g, starts = ctx.saved_tensors
         p = _forward_parts(q, k, v, g, None, starts)
         C, N = q.shape[-2], q.shape[2]
-        q_start = p.q_in if p.c == C else q * p.q_decay
+        q_start = p.q_in if p.q_exp is p.q_decay else q * p.q_decay
         # reverse carry: dH after chunk n, for every n
         from_outputs = q_start.transpose(-1, -2) @ do  # (B, H, N, K, V)
         if N <= 2 * C:  # closed form, as in the forward: the reverse carry is the transposed transfer
