@@ -28,6 +28,7 @@ import attnzoo.configs
 from attnzoo.data import build_datamodule
 from attnzoo.errors import unknown
 from attnzoo.layers import attention_info, list_attention
+from attnzoo.training import faults
 from attnzoo.training.callbacks import ThroughputMonitor
 from attnzoo.training.summary import attention_names, write_summary
 
@@ -144,6 +145,8 @@ def _setup(cfg: DictConfig) -> tuple[Any, dict[str, Any], L.LightningModule, str
         datamodule = build_datamodule(cfg.data)
         model_cfg = model_config(cfg, datamodule)
         task = build_task(cfg, model_cfg)  # builds the model: unknown option, pattern, dim % heads, ...
+        if ckpt_path is not None:  # unreadable or from another model: one message now, not a deep traceback later
+            faults.check_resume_checkpoint(Path(str(ckpt_path)).expanduser(), task)
     except ConfigError:
         raise
     except (ValueError, TypeError) as err:
@@ -174,7 +177,9 @@ def run(cfg: DictConfig) -> float | None:
     throughput = ThroughputMonitor()
     callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput]
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=faults.trainer_plugins()
+    )  # atomic checkpoint writes, weights_only reads (training/faults.py)
 
     if trainer.is_global_zero:
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -187,13 +192,20 @@ def run(cfg: DictConfig) -> float | None:
             sum(p.numel() for p in task.parameters()),
         )
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    except faults.NonFiniteLossError as err:
+        raise SystemExit(f"attnzoo: training stopped: {err}") from None
+    if any(getattr(c, "saved_path", None) for c in trainer.callbacks if isinstance(c, faults.SignalCheckpoint)):
+        return None  # stopped by SIGTERM/SIGINT: last.ckpt is written and the resume command printed; exit 0
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     test_results = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=trainer.is_global_zero)
     test_metrics = {k: float(v) for k, v in (test_results[0] if test_results else {}).items()}
     metrics = {**fit_metrics, **test_metrics}
+    if trainer.is_global_zero:  # the tested (best) weights, as plain tensors: attnzoo.models.load_weights
+        faults.export_weights(task, output_dir)
 
     if trainer.is_global_zero:
         summary = {
