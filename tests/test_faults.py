@@ -35,7 +35,6 @@ TINY = [
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1",
     "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
     "~callbacks.rich_progress_bar",
     "~callbacks.early_stopping",
     "num_threads=1",

@@ -10,8 +10,8 @@ What each piece guarantees (README.md, "Reliability", lists the tests):
 - ``SignalCheckpoint``: SIGTERM (cluster pre-emption, ``kill``) or SIGINT (Ctrl-C) is recorded; at the next training
   batch end the run writes ``checkpoints/last.ckpt`` with the exact step, stops, and ``run`` exits with status 0 and a
   message saying how to resume. A second SIGINT interrupts at once (Lightning's KeyboardInterrupt path, status 1).
-- ``ModelCheckpoint(every_n_train_steps=N)`` in ``configs/callbacks/default.yaml`` (``last_checkpoint``) bounds what
-  ``kill -9`` loses to the N steps since the last save.
+- ``StepCheckpoint`` (``last_checkpoint`` in ``configs/callbacks/default.yaml``) writes ``last.ckpt`` every N optimizer
+  steps, bounding what ``kill -9`` loses to the N steps since the last save.
 - ``NonFiniteLossGuard``: a NaN/inf training loss is caught BEFORE its backward pass, so no non-finite gradient ever
   reaches the weights and no checkpoint is written afterwards (the last good ``last.ckpt`` is kept); the run ends
   with status 1 and a message naming the step, the loss, the learning rate and precision, and the likely causes.
@@ -204,6 +204,11 @@ def export_weights(task: nn.Module, output_dir: str | os.PathLike) -> Path:
 # callbacks
 
 
+def _checkpoint_path(trainer: L.Trainer, dirpath: str | None, filename: str) -> Path:
+    directory = dirpath or getattr(trainer.checkpoint_callback, "dirpath", None)
+    return Path(directory or Path(trainer.default_root_dir) / "checkpoints") / filename
+
+
 def _agree(trainer: L.Trainer, flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank (one collective; free on a single process)."""
     if trainer.world_size > 1:
@@ -253,14 +258,10 @@ class SignalCheckpoint(L.Callback):
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
-    def _target(self, trainer: L.Trainer) -> Path:
-        directory = self.dirpath or getattr(trainer.checkpoint_callback, "dirpath", None)
-        return Path(directory or Path(trainer.default_root_dir) / "checkpoints") / self.filename
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int):
         if not _agree(trainer, self.received is not None) or self.saved_path is not None:
             return
-        path = self._target(trainer)
+        path = _checkpoint_path(trainer, self.dirpath, self.filename)
         trainer.save_checkpoint(path)  # collective under DDP; rank 0 writes (atomically, AtomicCheckpointIO)
         self.saved_path, self.saved_step = path, trainer.global_step
         trainer.should_stop = True
@@ -271,6 +272,39 @@ class SignalCheckpoint(L.Callback):
                 + RESUME_HINT.format(path=path),
                 flush=True,
             )
+
+
+class StepCheckpoint(L.Callback):
+    """Write ``last.ckpt`` every ``every_n_train_steps`` optimizer steps, so ``kill -9`` loses at most that many.
+
+    A callback of its own rather than a second ``ModelCheckpoint``: Lightning's ``ModelCheckpoint`` with
+    ``every_n_train_steps`` stops saving at validation ends, and two of them writing ``last.ckpt`` version the name
+    (``last-v1.ckpt``). The best-model ``ModelCheckpoint`` keeps writing ``last.ckpt`` at every validation end.
+    """
+
+    def __init__(self, every_n_train_steps: int = 50, dirpath: str | None = None, filename: str = "last.ckpt") -> None:
+        """
+        Args:
+            every_n_train_steps: save period in optimizer steps (the most steps a hard kill can lose); 0 disables.
+            dirpath: where to write; default: the trainer's ``checkpoint_callback.dirpath`` (``checkpoints/``), else
+                ``<default_root_dir>/checkpoints``.
+            filename: the checkpoint file name.
+        """
+        if every_n_train_steps < 0:
+            raise ValueError(
+                f"StepCheckpoint: every_n_train_steps={every_n_train_steps} is negative; use a positive period "
+                f"or 0 to disable."
+            )
+        self.every_n_train_steps = every_n_train_steps
+        self.dirpath = dirpath
+        self.filename = filename
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int):
+        step = trainer.global_step
+        if self.every_n_train_steps <= 0 or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        if step > 0 and step % self.every_n_train_steps == 0:
+            trainer.save_checkpoint(_checkpoint_path(trainer, self.dirpath, self.filename))
 
 
 class NonFiniteLossGuard(L.Callback):
@@ -298,8 +332,8 @@ class NonFiniteLossGuard(L.Callback):
         else:
             causes.append(f"precision (precision={precision}; a layer without float32 states under autocast)")
         causes.append("a data batch with extreme values, or trainer.gradient_clip_val=null")
-        last = next((c.last_model_path for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")), "")
-        last = last or "none yet"
+        last = _checkpoint_path(trainer, None, "last.ckpt")
+        last = last if last.is_file() else "none yet"
         raise NonFiniteLossError(
             f"non-finite training {where}. Likely causes: " + "; ".join(causes) + ". No weights were updated with it "
             f"and no checkpoint was written after it; the last good checkpoint is {last}."
