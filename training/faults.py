@@ -8,8 +8,9 @@ What each piece guarantees (README.md, "Reliability", lists the tests):
   previous ``last.ckpt`` intact, never a truncated one. Loading is always ``torch.load(weights_only=True)`` (no code
   runs from the file) and an unreadable file raises :class:`CheckpointError` naming the file, the problem and the fix.
 - ``SignalCheckpoint``: SIGTERM (cluster pre-emption, ``kill``) or SIGINT (Ctrl-C) is recorded; at the next training
-  batch end the run writes ``checkpoints/last.ckpt`` with the exact step, stops, and ``run`` exits with status 0 and a
-  message saying how to resume. A second SIGINT interrupts at once (Lightning's KeyboardInterrupt path, status 1).
+  batch end the run writes ``checkpoints/last.ckpt`` with the exact step and stops at once (no validation, no test),
+  and ``run`` exits with status 0 and a message saying how to resume. A second SIGINT interrupts at once
+  (Lightning's KeyboardInterrupt path, status 1).
 - ``StepCheckpoint`` (``last_checkpoint`` in ``configs/callbacks/default.yaml``) writes ``last.ckpt`` every N optimizer
   steps, bounding what ``kill -9`` loses to the N steps since the last save.
 - ``NonFiniteLossGuard``: a NaN/inf training loss is caught BEFORE its backward pass, so no non-finite gradient ever
@@ -48,6 +49,14 @@ RESUME_HINT = "resume with: python train.py <the same overrides> ckpt_path={path
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: the message names the file, what is wrong and what to do."""
+
+
+class StoppedBySignal(Exception):
+    """Raised by :class:`SignalCheckpoint` after ``last.ckpt`` is written; ``run`` returns normally (exit status 0).
+
+    An exception rather than ``trainer.should_stop``: a requested stop makes Lightning run validation and finish the
+    epoch first, which costs time a pre-empted job may not have and marks the epoch done in the saved loop state.
+    """
 
 
 class NonFiniteLossError(RuntimeError):
@@ -217,7 +226,7 @@ def _agree(trainer: L.Trainer, flag: bool) -> bool:
 
 
 class SignalCheckpoint(L.Callback):
-    """SIGTERM/SIGINT -> ``last.ckpt`` at the next training batch end, then a clean stop.
+    """SIGTERM/SIGINT -> ``last.ckpt`` at the next training batch end, then :class:`StoppedBySignal`.
 
     The handler only records the signal (saving inside a signal handler could interleave with a running optimizer
     step); ``on_train_batch_end`` acts on it, so the checkpoint holds a consistent state with the exact step count.
@@ -264,7 +273,6 @@ class SignalCheckpoint(L.Callback):
         path = _checkpoint_path(trainer, self.dirpath, self.filename)
         trainer.save_checkpoint(path)  # collective under DDP; rank 0 writes (atomically, AtomicCheckpointIO)
         self.saved_path, self.saved_step = path, trainer.global_step
-        trainer.should_stop = True
         name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
         if trainer.is_global_zero:
             print(
@@ -272,6 +280,7 @@ class SignalCheckpoint(L.Callback):
                 + RESUME_HINT.format(path=path),
                 flush=True,
             )
+        raise StoppedBySignal(f"stopped by {name} at step {trainer.global_step}; {RESUME_HINT.format(path=path)}")
 
 
 class StepCheckpoint(L.Callback):

@@ -196,8 +196,8 @@ def run(cfg: DictConfig) -> float | None:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     except faults.NonFiniteLossError as err:
         raise SystemExit(f"attnzoo: training stopped: {err}") from None
-    if any(getattr(c, "saved_path", None) for c in trainer.callbacks if isinstance(c, faults.SignalCheckpoint)):
-        return None  # stopped by SIGTERM/SIGINT: last.ckpt is written and the resume command printed; exit 0
+    except faults.StoppedBySignal:
+        return None  # SIGTERM/SIGINT: last.ckpt is written and the resume command printed; exit status 0
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
