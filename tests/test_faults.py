@@ -190,13 +190,24 @@ def test_nan_guard_stops_before_the_update(cfg_train, tmp_path):
         run(cfg_train)
     message = str(err.value)
     assert "non-finite training loss nan at step 3" in message
-    assert "learning rate is too high" in message and "precision=32-true" in message
+    assert "learning rate is too high" in message and "precision=32-true, so not reduced precision" in message
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert str(last) in message
     checkpoint = faults.read_checkpoint(last)
     assert checkpoint["global_step"] == 2  # the last good one, not overwritten after the NaN
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_huge_learning_rate_is_named_as_the_cause(cfg_train, tmp_path):
+    with open_dict(cfg_train):
+        cfg_train.optimizer.lr = 1e6
+        cfg_train.trainer.limit_train_batches = 8
+        cfg_train.callbacks.pop("early_stopping", None)
+    with pytest.raises(SystemExit) as err:
+        run(cfg_train)
+    message = str(err.value)
+    assert "non-finite training loss" in message and "learning rate is too high (current lr 1e+06" in message
 
 
 # ---------------------------------------------------------------------------------------------------------------

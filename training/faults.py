@@ -339,7 +339,7 @@ class NonFiniteLossGuard(L.Callback):
                 f"reduced precision overflowed (precision={precision}; try trainer.precision=bf16-mixed or 32-true)"
             )
         else:
-            causes.append(f"precision (precision={precision}; a layer without float32 states under autocast)")
+            causes.append(f"a numerical overflow in the model (precision={precision}, so not reduced precision)")
         causes.append("a data batch with extreme values, or trainer.gradient_clip_val=null")
         last = _checkpoint_path(trainer, None, "last.ckpt")
         last = last if last.is_file() else "none yet"
