@@ -26,9 +26,7 @@ def choose_backend(op: str, backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError(
-                f"{op}: backend='triton' needs the triton package (pip install triton); use 'torch'."
-            )
+            raise RuntimeError(f"{op}: backend='triton' needs the triton package (pip install triton); use 'torch'.")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"{op}: backend='triton' runs on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before "

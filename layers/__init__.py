@@ -27,20 +27,22 @@ from attnzoo.layers.registry import (
 from attnzoo.layers.rope import RotaryEmbedding
 from attnzoo.layers.sdpa import sdpa
 
-# importing a layer module registers it
-from attnzoo.layers import softmax  # noqa: E402, I001  isort: skip
-from attnzoo.layers import agent  # noqa: E402, I001  isort: skip
-from attnzoo.layers import gated_softmax  # noqa: E402, I001  isort: skip
-from attnzoo.layers import moh  # noqa: E402, I001  isort: skip
-from attnzoo.layers import linear  # noqa: E402, I001  isort: skip
-from attnzoo.layers import based  # noqa: E402, I001  isort: skip
-from attnzoo.layers import sliding_window  # noqa: E402, I001  isort: skip
-from attnzoo.layers import performer  # noqa: E402, I001  isort: skip
-from attnzoo.layers import cosformer  # noqa: E402, I001  isort: skip
-from attnzoo.layers import gla  # noqa: E402, I001  isort: skip
-from attnzoo.layers import mamba  # noqa: E402, I001  isort: skip
-from attnzoo.layers import retnet  # noqa: E402, I001  isort: skip
-from attnzoo.layers import mamba2  # noqa: E402, I001  isort: skip
+# importing a layer module registers it (one module per attention, in alphabetical order)
+from attnzoo.layers import (  # noqa: F401  isort: skip
+    agent,
+    based,
+    cosformer,
+    gated_softmax,
+    gla,
+    linear,
+    mamba,
+    mamba2,
+    moh,
+    performer,
+    retnet,
+    sliding_window,
+    softmax,
+)
 
 __all__ = [
     "ALL_PATTERNS",

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from timm.layers import DropPath
+from torch import Tensor, nn
+
 from attnzoo.layers.mlp import create_mlp
 from attnzoo.layers.norm import create_norm
 from attnzoo.layers.registry import build_attention
-from timm.layers import DropPath
-from torch import Tensor, nn
 
 
 class Block(nn.Module):

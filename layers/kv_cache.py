@@ -22,9 +22,7 @@ class KVCache:
     values: Tensor | None = None  # (B, capacity, H, Dv)
     key_mask: Tensor | None = None  # (B, capacity) bool, allocated once a padding mask is seen
 
-    def update(
-        self, k: Tensor, v: Tensor, mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def update(self, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Append T new keys/values (and their (B, T) mask); return all keys, values and mask so far."""
         B, T = k.shape[:2]
         if self.batch_size != B:

@@ -102,9 +102,7 @@ class Attention(nn.Module):
             raise ValueError(f"{label}: x has no positions (T=0); pass at least one token.")
         if self.cross:
             if context is None:
-                raise ValueError(
-                    f"{label} was built with cross=True; pass context= of shape (B, S, {self.dim})."
-                )
+                raise ValueError(f"{label} was built with cross=True; pass context= of shape (B, S, {self.dim}).")
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.dim:
                 raise ValueError(
                     f"{label}: context must have shape (B={x.shape[0]}, S, dim={self.dim}); got {tuple(context.shape)}."
@@ -214,9 +212,7 @@ def attention_options(cls: type[Attention]) -> dict[str, Any]:
     return {
         p.name: p.default
         for p in params.values()
-        if p.name != "self"
-        and p.name not in CONTRACT_ARGS
-        and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        if p.name != "self" and p.name not in CONTRACT_ARGS and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     }
 
 
@@ -246,9 +242,7 @@ def split_spec(spec: Any) -> tuple[str, dict[str, Any]]:
         if hasattr(name, "__fspath__") or not isinstance(name, str):
             raise ValueError(f"attention spec 'name' must be a string; got {name!r}.")
         return name, _plain(options)
-    raise TypeError(
-        f"an attention spec is a name or a mapping with a 'name' key; got {type(spec).__name__}: {spec!r}."
-    )
+    raise TypeError(f"an attention spec is a name or a mapping with a 'name' key; got {type(spec).__name__}: {spec!r}.")
 
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:
@@ -257,10 +251,7 @@ def _plain(options: dict[str, Any]) -> dict[str, Any]:
         from omegaconf import DictConfig, ListConfig, OmegaConf
     except ImportError:  # the layers need only torch; without OmegaConf there is nothing to convert
         return options
-    return {
-        k: OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
-        for k, v in options.items()
-    }
+    return {k: OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v for k, v in options.items()}
 
 
 def build_attention(

@@ -59,8 +59,6 @@ def sdpa(
         return out.transpose(1, 2)
     # a row with no visible key would be softmax over nothing (NaN): let it attend anywhere, then zero it
     has_key = mask.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(
-        qh, kh, vh, attn_mask=mask | ~has_key, dropout_p=dropout_p, scale=scale
-    )
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask | ~has_key, dropout_p=dropout_p, scale=scale)
     out = out * has_key.to(out.dtype)
     return out.transpose(1, 2)

@@ -11,11 +11,12 @@ noncausal_cross it is a locality prior between them. The math runs through ``F.s
 
 from __future__ import annotations
 
+from torch import Tensor, nn
+
 from attnzoo.layers.kv_cache import KVCache
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
 from attnzoo.layers.sdpa import sdpa
-from torch import Tensor, nn
 
 
 @register_attention("softmax")

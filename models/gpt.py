@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from attnzoo.layers import Block, create_norm
 from attnzoo.models.specs import per_layer
-from torch import Tensor, nn
 
 POSITIONS = ("none", "learned")
 

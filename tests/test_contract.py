@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from attnzoo.layers import PATTERNS, attention_class, build_attention, list_attention, pattern_flags
 
 DIM, HEADS = 32, 4
@@ -86,9 +87,7 @@ def test_prefill_then_step_equals_full(name, pattern, with_padding):
     parts += [layer(x[:, t : t + 1], cache=cache, **piece(t, t + 1)) for t in range(split, T - 2)]
     parts += [layer(x[:, T - 2 :], cache=cache, **piece(T - 2, T))]  # a multi-token chunk after steps
     stepped = torch.cat(parts, dim=1)
-    real = (
-        torch.ones_like(full[..., 0], dtype=torch.bool) if mask is None or pattern.endswith("cross") else mask
-    )
+    real = torch.ones_like(full[..., 0], dtype=torch.bool) if mask is None or pattern.endswith("cross") else mask
     torch.testing.assert_close(stepped[real], full[real], atol=1e-9, rtol=1e-9)
 
 

@@ -12,9 +12,10 @@ import itertools
 
 import pytest
 import torch
-from attnzoo.layers import PATTERNS, attention_class, build_attention, list_attention, pattern_flags
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
+from attnzoo.layers import PATTERNS, attention_class, build_attention, list_attention, pattern_flags
 
 CASES = [pytest.param(n, p, id=f"{n}-{p}") for n in list_attention() for p in PATTERNS]
 FUZZ = settings(
@@ -42,9 +43,7 @@ def build(name, pattern, dim, heads):
     torch.manual_seed(0)
     try:
         layer = build_attention(name, dim=dim, num_heads=heads, **pattern_flags(pattern))
-    except (
-        ValueError
-    ) as err:  # a shape this layer documents as unsupported (e.g. divisibility of a derived width)
+    except ValueError as err:  # a shape this layer documents as unsupported (e.g. divisibility of a derived width)
         assume(False, f"{name}: {err}")
     return layer.double().eval()
 
@@ -62,9 +61,7 @@ def test_fuzz_contract(name, pattern):
         layer = build(name, pattern, dim, heads)
         gen = torch.Generator().manual_seed(T * 31 + S)
         x = torch.randn(B, T, dim, generator=gen, dtype=torch.float64)
-        context = (
-            torch.randn(B, S, dim, generator=gen, dtype=torch.float64) if pattern.endswith("cross") else None
-        )
+        context = torch.randn(B, S, dim, generator=gen, dtype=torch.float64) if pattern.endswith("cross") else None
         mask = torch.tensor(keep, dtype=torch.bool).view(B, S)
         mask[:, 0] = True  # at least one real key per sequence
         ctx = {"context": context}
