@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from attnzoo.errors import unknown
 from attnzoo.layers.kv_cache import KVCache
 from attnzoo.layers.registry import ALL_PATTERNS, register_attention
-from attnzoo.layers.sdpa import sdpa
 from attnzoo.layers.softmax import SoftmaxAttention
 
 GATES = ("elementwise", "headwise")
@@ -93,28 +92,9 @@ class GatedSoftmaxAttention(SoftmaxAttention):
     ) -> Tensor:
         self.check_inputs(x, context, padding_mask, cache)
         B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
-        if self.cross:
-            q = self.q(x).view(B, T, H, D)
-            k, v = self.kv(context).view(B, context.shape[1], 2, H, D).unbind(2)  # (B, S, H, D) each
-        else:
-            q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(2)  # (B, T, H, D) each
-        q, k = self.q_norm(q), self.k_norm(k)
-        offset = cache.length if cache is not None else 0
-        if self.rope is not None:
-            q, k = self.rope(q, offset), self.rope(k, offset)
-        key_mask = padding_mask
-        if cache is not None:
-            k, v, key_mask = cache.update(k, v, padding_mask)
-        o = sdpa(
-            q,
-            k,
-            v,
-            causal=self.causal,
-            key_mask=key_mask,
-            q_offset=offset,
-            dropout_p=self.attn_drop if self.training else 0.0,
-        )  # (B, T, H, D)
+        H = self.num_heads
+        q, k, v = self.project(x, context)
+        o = self.attend(q, k, v, padding_mask=padding_mask, cache=cache)  # (B, T, H, D)
         gate = torch.sigmoid(self.gate(x)).view(B, T, H, -1)  # (B, T, H, D) or (B, T, H, 1)
         o = o * gate.to(o.dtype)
         return self.proj_drop(self.proj(o.reshape(B, T, self.dim)))

@@ -47,7 +47,7 @@ from attnzoo.errors import unknown
 from attnzoo.layers.kv_cache import KVCache
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
-from attnzoo.layers.sdpa import sdpa
+from attnzoo.layers.softmax import SoftmaxAttention
 
 ROUTERS = ("learned", "query_norm")
 
@@ -66,6 +66,9 @@ class MoHAttention(Attention):
     """Mixture-of-Head attention: shared heads plus top-k routed heads per token, head outputs weighted by gates."""
 
     patterns = ALL_PATTERNS
+    # the q/k/v path is softmax attention's, parameter names included (qkv or q + kv, q_norm, k_norm, rope)
+    project = SoftmaxAttention.project
+    attend = SoftmaxAttention.attend
 
     def __init__(
         self,
@@ -264,29 +267,9 @@ class MoHAttention(Attention):
     ) -> Tensor:
         self.check_inputs(x, context, padding_mask, cache)
         B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
-        if self.cross:
-            q = self.q(x).view(B, T, H, D)
-            k, v = self.kv(context).view(B, context.shape[1], 2, H, D).unbind(2)  # (B, S, H, D) each
-        else:
-            q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(2)  # (B, T, H, D) each
-        routing = self.route(x, q)
-        q, k = self.q_norm(q), self.k_norm(k)
-        offset = cache.length if cache is not None else 0
-        if self.rope is not None:
-            q, k = self.rope(q, offset), self.rope(k, offset)
-        key_mask = padding_mask
-        if cache is not None:
-            k, v, key_mask = cache.update(k, v, padding_mask)
-        o = sdpa(
-            q,
-            k,
-            v,
-            causal=self.causal,
-            key_mask=key_mask,
-            q_offset=offset,
-            dropout_p=self.attn_drop if self.training else 0.0,
-        )  # (B, T, H, D)
+        q, k, v = self.project(x, context)
+        routing = self.route(x, q)  # from the projected queries, before qk-norm and RoPE (query_norm router)
+        o = self.attend(q, k, v, padding_mask=padding_mask, cache=cache)  # (B, T, H, D)
         o = o * routing.gates[..., None].to(o.dtype)  # weighted summation of heads (through proj)
         # in self-attention the padding mask also marks which query tokens are real
         valid = None if self.cross else padding_mask

@@ -67,6 +67,30 @@ class SoftmaxAttention(Attention):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, T, H, D) from ``x``; k, v (B, S, H, D) from ``context`` (cross) or ``x``."""
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        if self.cross:
+            k, v = self.kv(context).view(B, context.shape[1], 2, H, D).unbind(2)  # (B, S, H, D) each
+            return self.q(x).view(B, T, H, D), k, v
+        q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(2)  # (B, T, H, D) each
+        return q, k, v
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, *, padding_mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        """qk-norm, RoPE at the cache's offset, the cache update and masked SDPA: (B, T, H, D)."""
+        q, k = self.q_norm(q), self.k_norm(k)
+        offset = cache.length if cache is not None else 0
+        if self.rope is not None:
+            q, k = self.rope(q, offset), self.rope(k, offset)
+        key_mask = padding_mask
+        if cache is not None:
+            k, v, key_mask = cache.update(k, v, padding_mask)
+        dropout_p = self.attn_drop if self.training else 0.0
+        return sdpa(q, k, v, causal=self.causal, key_mask=key_mask, q_offset=offset, dropout_p=dropout_p)
+
     def forward(
         self,
         x: Tensor,
@@ -77,28 +101,8 @@ class SoftmaxAttention(Attention):
     ) -> Tensor:
         self.check_inputs(x, context, padding_mask, cache)
         B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
-        if self.cross:
-            q = self.q(x).view(B, T, H, D)
-            k, v = self.kv(context).view(B, context.shape[1], 2, H, D).unbind(2)  # (B, S, H, D) each
-        else:
-            q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(2)  # (B, T, H, D) each
-        q, k = self.q_norm(q), self.k_norm(k)
-        offset = cache.length if cache is not None else 0
-        if self.rope is not None:
-            q, k = self.rope(q, offset), self.rope(k, offset)
-        key_mask = padding_mask
-        if cache is not None:
-            k, v, key_mask = cache.update(k, v, padding_mask)
-        o = sdpa(
-            q,
-            k,
-            v,
-            causal=self.causal,
-            key_mask=key_mask,
-            q_offset=offset,
-            dropout_p=self.attn_drop if self.training else 0.0,
-        )  # (B, T, H, D)
+        q, k, v = self.project(x, context)
+        o = self.attend(q, k, v, padding_mask=padding_mask, cache=cache)  # (B, T, H, D)
         return self.proj_drop(self.proj(o.reshape(B, T, self.dim)))
 
     def new_cache(self, batch_size: int) -> KVCache:
