@@ -93,3 +93,20 @@ def test_unknown_group_option_lists_the_choices():
     with pytest.raises(MissingConfigException) as info:
         compose_train(["attention=sofmax"])
     assert "softmax" in str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_runs_fast_dev_run(path, tmp_path, data_dir):
+    """Every named experiment trains one batch, validates and tests (the template's test_sweeps), on small data."""
+    from attnzoo.training import run
+
+    cfg = shrink(compose_train([f"experiment={path.stem}", "debug=fast"]), tmp_path, data_dir)
+    with open_dict(cfg):
+        if cfg.data.name == "text":  # a small corpus instead of the standard library's sources
+            corpus = tmp_path / "corpus.txt"
+            corpus.write_text("def f(x):\n    return x + 1\n" * 200)
+            cfg.data.path = str(corpus)
+        if "num_examples" in cfg.data:
+            cfg.data.num_examples = {"train": 64, "val": 16, "test": 16}
+    run(cfg)
+    assert (tmp_path / "summary.json").is_file()
