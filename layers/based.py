@@ -115,8 +115,6 @@ class BasedAttention(Attention):
         H, D, Fd = self.num_heads, self.head_dim, self.feature_dim
         source = context if self.cross else x
         S = source.shape[1]
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"based: the cache was made for batch size {cache.batch_size}; got a batch of {B}.")
         q = taylor_feature_map(self.q_proj(x).view(B, T, H, Fd), self.compact_features)  # (B, T, H, F)
         k = taylor_feature_map(self.k_proj(source).view(B, S, H, Fd), self.compact_features)  # (B, S, H, F)
         v = self.v_proj(source).view(B, S, H, D)  # (B, S, H, D)

@@ -92,8 +92,6 @@ class LinearAttention(Attention):
         q = elu_feature_map(self.q_proj(x).view(B, T, H, D))  # (B, T, H, D)
         k = elu_feature_map(self.k_proj(source).view(B, S, H, D))  # (B, S, H, D)
         v = self.v_proj(source).view(B, S, H, D)  # (B, S, H, D)
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"linear: the cache was made for batch size {cache.batch_size}; got a batch of {B}.")
         if padding_mask is not None:  # zero the key features: a padded key adds nothing to S or z
             k = k * padding_mask[:, :, None, None]
         o, state = linear_attn(

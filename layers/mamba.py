@@ -51,6 +51,10 @@ class MambaCache:
     conv_state: Tensor  # (B, E, d_conv): the last d_conv pre-conv inputs, oldest first (zeros before the start)
     ssm_state: Tensor  # (B, E, N): h after the last position, float32 (float64 for a float64 layer)
 
+    @property
+    def batch_size(self) -> int:  # read by the contract's input check
+        return self.conv_state.shape[0]
+
 
 @register_attention("mamba")
 class Mamba(Attention):

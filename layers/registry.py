@@ -128,6 +128,12 @@ class Attention(nn.Module):
             raise ValueError(
                 f"{label} is not causal (pattern {self.pattern}); a cache is for incremental decoding of causal layers."
             )
+        cache_batch = getattr(cache, "batch_size", None)
+        if cache_batch is not None and cache_batch != x.shape[0]:
+            raise ValueError(
+                f"{label}: the cache was made for batch_size={cache_batch}, but x has B={x.shape[0]}; "
+                f"call new_cache({x.shape[0]})."
+            )
 
     def new_cache(self, batch_size: int) -> Any:
         """A fresh decoding state for ``batch_size`` sequences (causal layers only)."""

@@ -107,10 +107,6 @@ class SlidingWindowAttention(Attention):
         q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
         k = self.k_proj(source).view(B, T, H, D)  # (B, T, H, D); causal patterns have S == T
         v = self.v_proj(source).view(B, T, H, D)
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(
-                f"sliding_window: the cache was made for batch size {cache.batch_size}; got a batch of {B}."
-            )
         offset = 0 if cache is None else cache.length  # absolute position of the first new token
         if self.rope is not None:
             q, k = self.rope(q, offset), self.rope(k, offset)

@@ -168,3 +168,11 @@ def test_wrong_shapes_raise(name, pattern):
     if not layer.causal:
         with pytest.raises(ValueError, match="not causal"):
             layer.new_cache(2)
+
+
+@pytest.mark.parametrize("name,pattern", CAUSAL_CASES)
+def test_cache_for_another_batch_size_raises(name, pattern):
+    layer = make(name, pattern)
+    x, context = inputs(pattern, T=4)
+    with pytest.raises(ValueError, match=r"cache was made for batch_size=3, but x has B=2"):
+        run(layer, x, context, cache=layer.new_cache(3))
