@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import torch.nn.functional as F
 from attnzoo.data.mqar import generate_mqar, split_seed
 from attnzoo.layers import list_attention
 from attnzoo.models import GPT
+from attnzoo.training.optim import build_optimizer, warmup_cosine
+from attnzoo.training.run import attention_defaults
 
 
 def accuracy(model: GPT, data: dict[str, torch.Tensor], batch: int = 256) -> float:
@@ -50,14 +51,17 @@ def train_one(name: str, width: int, seq_len: int, pairs: int, lr: float, args: 
     test = generate_mqar(**common, num_examples=args.test_examples, seed=split_seed(0, "test"))
     torch.manual_seed(0)
     heads = max(1, width // 32)
-    model = GPT(args.vocab, dim=width, depth=2, num_heads=heads, attention=name, max_seq_len=seq_len)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    warmup = max(1, args.max_steps // 10)
+    # the layer's options as the command line uses them (configs/attention/<name>.yaml: RoPE for softmax, ...)
+    spec = attention_defaults(name)
+    model = GPT(
+        args.vocab, dim=width, depth=2, num_heads=heads, attention=spec, max_seq_len=seq_len, mlp_ratio=args.mlp_ratio
+    )
+    # the main run's optimiser and schedule (configs/train.yaml): AdamW (0.9, 0.95), weight decay 0.1 on matrices,
+    # linear warmup then cosine to 0.1 x lr
+    opt = build_optimizer(model, {"lr": lr, "weight_decay": 0.1, "betas": (0.9, 0.95)})
+    warmup = min(100, args.max_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.max_steps) / args.max_steps)),
+        opt, lambda s: warmup_cosine(s, warmup_steps=warmup, total_steps=args.max_steps, min_lr_ratio=0.1)
     )
     n, start, step, val_acc = len(train["input_ids"]), time.perf_counter(), 0, 0.0
     gen = torch.Generator().manual_seed(1)
@@ -92,6 +96,18 @@ def train_one(name: str, width: int, seq_len: int, pairs: int, lr: float, args: 
     }
 
 
+def run_cell(job: tuple[str, int, int, int, argparse.Namespace]) -> list[dict]:
+    """Every learning rate of one (attention, width, cell), stopping at the first that solves it."""
+    name, width, seq_len, pairs, args = job
+    torch.set_num_threads(args.threads)
+    runs = []
+    for lr in args.lrs:
+        runs.append(train_one(name, width, seq_len, pairs, lr, args))
+        if runs[-1]["val_acc"] >= args.target:
+            break  # a solved cell cannot improve by much with another learning rate; save the time
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attention", nargs="*", default=None, help="default: every causal_self attention")
@@ -102,36 +118,53 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="widths 32/64/128, lrs 3e-4/1e-3/3e-3, 1500 steps")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--mlp-ratio", type=float, default=0.0, help="0 = mixer-only blocks, as the main MQAR run")
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--test-examples", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--target", type=float, default=0.995, help="stop a run early at this val accuracy")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one process each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--out", type=Path, default=Path("bench_results/mqar"))
+    parser.add_argument(
+        "--fresh", action="store_true", help="ignore the runs already in --out/runs.json (default: resume from them)"
+    )
     args = parser.parse_args()
     args.widths = args.widths or ([32, 64, 128] if args.full else [64, 128])
     args.lrs = args.lrs or ([3e-4, 1e-3, 3e-3] if args.full else [1e-3, 3e-3])
     args.max_steps = args.max_steps or (1500 if args.full else 400)
-    torch.set_num_threads(args.threads)
     names = args.attention or list_attention("causal_self")
     cells = [tuple(int(v) for v in c.split("x")) for c in args.cells]
 
     args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.json"
+    settings = {k: getattr(args, k) for k in ("max_steps", "batch", "vocab", "mlp_ratio", "train_examples", "target")}
     runs: list[dict] = []
-    for name in names:
-        for width in args.widths:
-            for seq_len, pairs in cells:
-                for lr in args.lrs:
-                    r = train_one(name, width, seq_len, pairs, lr, args)
-                    runs.append(r)
-                    print(
-                        f"{name:>16} d={width:<4} T={seq_len:<4} kv={pairs:<3} lr={lr:g}: test acc {r['test_acc']:.3f} "
-                        f"({r['steps']} steps, {r['seconds']:.0f}s)",
-                        flush=True,
-                    )
-                    (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
-                    if r["val_acc"] >= args.target:
-                        break  # the best lr cannot beat a solved cell by much; save the time
+    if log.is_file() and not args.fresh:  # resume: keep finished cells measured with the same settings
+        runs = [r for r in json.loads(log.read_text()) if r.get("settings") == settings]
+    done = {(r["attention"], r["width"], r["seq_len"], r["pairs"]) for r in runs}
+    jobs = [
+        (name, width, seq_len, pairs, args)
+        for name in names
+        for width in args.widths
+        for seq_len, pairs in cells
+        if (name, width, seq_len, pairs) not in done
+    ]
+    print(f"{len(jobs)} cells to run ({len(done)} resumed from {log}), {args.workers} workers", flush=True)
+    ctx = torch.multiprocessing.get_context("spawn")  # fresh interpreters: no inherited thread pools
+    with ctx.Pool(args.workers) as pool:
+        for cell_runs in pool.imap_unordered(run_cell, jobs):
+            for r in cell_runs:
+                r["settings"] = settings
+                print(
+                    f"{r['attention']:>16} d={r['width']:<4} T={r['seq_len']:<4} kv={r['pairs']:<3} lr={r['lr']:g}: "
+                    f"test acc {r['test_acc']:.3f} ({r['steps']} steps, {r['seconds']:.0f}s)",
+                    flush=True,
+                )
+            runs.extend(cell_runs)
+            tmp = log.with_suffix(".tmp")
+            tmp.write_text(json.dumps(runs, indent=1))
+            tmp.replace(log)  # atomic: an interrupted sweep resumes from the cells already finished
 
     best: dict[tuple, dict] = {}
     for r in runs:
@@ -146,8 +179,9 @@ def main() -> None:
             state = best[(name, width, *cells[-1])]["state_size"]
             lines.append(f"| {name} | {width} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {state:,} |")
     table = "\n".join(lines)
-    settings = f"{args.max_steps} steps max, batch {args.batch}, lrs {args.lrs}, vocab {args.vocab}, 2 layers"
-    (args.out / "mqar.md").write_text(f"MQAR test accuracy (best over learning rates; {settings}).\n\n{table}\n")
+    blocks = "mixer-only blocks" if args.mlp_ratio == 0 else f"MLP ratio {args.mlp_ratio:g}"
+    about = f"{args.max_steps} steps max, batch {args.batch}, lrs {args.lrs}, vocab {args.vocab}, 2 layers, {blocks}"
+    (args.out / "mqar.md").write_text(f"MQAR test accuracy (best over learning rates; {about}).\n\n{table}\n")
     print("\n" + table)
     _plots(best, names, args.widths, cells, args.out)
 

@@ -44,7 +44,7 @@ def selective_scan(
     return_last_state: bool = False,
     *,
     initial_state: Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The selective state-space scan, per batch element, channel e and state index n::
@@ -71,7 +71,8 @@ def selective_scan(
         initial_state: (batch, E, N) state h_0 before position 0 (default zeros). An attnzoo extension beyond
             mamba_ssm: ``run(u[..., :t])`` then ``run(u[..., t:], initial_state=last)`` equals ``run(u)``, which is what
             cached prefill and multi-token decoding need.
-        chunk_size: chunk length of the torch backend (results do not depend on it, up to rounding).
+        chunk_size: chunk length of the torch backend (results do not depend on it, up to rounding; 32 measured
+            faster than 16 and 64 on a CPU at mamba's sizes).
         backend: ``"auto"`` (triton on CUDA, else torch), ``"reference"``, ``"torch"`` or ``"triton"``.
 
     Returns:

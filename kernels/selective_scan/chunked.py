@@ -1,36 +1,45 @@
-"""Chunked selective scan in torch: the CPU path.
+"""Chunked selective scan in torch: the CPU path, with a hand-written backward.
 
-Per channel e and state n the scan is a GLA recurrence with d_k = N, d_v = 1 (specs/attention.md §6). Split the
-sequence into chunks of C steps; with the chunk-local cumulative step D_t = sum_{r<=t} delta_r and h_0 the state
-before the chunk,
+Per channel e and state n the scan is a diagonal linear recurrence (a GLA recurrence with d_k = N, d_v = 1,
+specs/attention.md §6):
 
-    h_t = exp(A D_t) h_0 + sum_{s<=t} exp(A (D_t - D_s)) x_s,      x_s = delta_s u_s B_s,      y_t = h_t · C_t.
+    h_t = a_t h_{t-1} + x_t,     a_t = exp(delta_t A),     x_t = delta_t u_t B_t,     y_t = h_t · C_t.
 
-d_v = 1 makes the pairwise (attention-like) form wasteful: it costs C·N per token against N for the recurrence. So the
-fast path factors the decay around a per-channel pivot p (the middle of the chunk's range of D):
+Chunked form. Split the sequence into chunks of C steps; with the chunk-local cumulative step D_t = sum_{r<=t} delta_r,
+h_0 the state before the chunk and a per-channel pivot p (the middle of the chunk's range of D),
 
-    exp(A (D_t - D_s)) = exp(A (D_t - p)) · exp(-A (D_s - p)),
-    h_t = exp(A (D_t - p)) · [exp(A p) h_0 + sum_{s<=t} exp(-A (D_s - p)) x_s]
+    h_t = exp(A (D_t - p)) · [exp(A p) h_0 + sum_{s<=t} exp(-A (D_s - p)) x_s]  =  (S_t + exp(A p) h_0) / W_t,
 
-and the sum over s <= t is one GEMM with a lower-triangular ones matrix per chunk (O(C·N) per channel and token, no
-exponent difference materialised). It is exact, and every exponent is bounded by |A|max · span(D) / 2; the path is
-used only where that bound is <= ``FACTOR_LIMIT`` (60 in float32: exp(±60) and their products stay normal numbers,
-and exp's relative error is ~60 eps). With mamba's initialisation (delta <= 0.1, |A| <= 16) chunks of 64 qualify.
-Channel-chunks that fail the bound (large steps) use the always-stable pairwise form instead: exponents
-A (D_t - D_s) are formed for s <= t only, the rest masked to -inf before exp (spec "Parallel forms"), in sub-chunks
-of ``PAIRWISE_CHUNK`` steps to bound memory. Both give the same numbers (tested).
+with W_t = exp(-A (D_t - p)) and S the cumulative sum of W x over the chunk. d_v = 1 makes the pairwise
+(attention-like) form wasteful (C·N per token against N for the recurrence), so this factored form is the fast path.
+It is exact, and every exponent is bounded by |A|max · span(D) / 2; it is used where that bound is <=
+``FACTOR_LIMIT`` (60 in float32: exp(±60) and their products stay normal numbers, exp's relative error is ~60 eps).
+With mamba's initialisation (delta <= 0.1, |A| <= 16) chunks of 64 qualify. (batch, chunk, channel) rows that fail the
+bound (large steps) use the always-stable pairwise form instead: exponents A (D_t - D_s) are formed for s <= t only,
+the rest masked to -inf before exp (spec "Parallel forms"), in sub-chunks of ``PAIRWISE_CHUNK`` steps. Both give the
+same numbers (tested). The states at chunk starts follow from a short loop over chunks on (batch, E, N) tensors,
+h_{k+1} = exp(A D_end,k) h_k + local_end,k. Python loops run over segments and chunks, never over time steps.
 
-All chunks of a segment (``SEGMENT`` steps) are computed at once with a handful of large ops, chunk-local states
-assuming h_0 = 0; then the states at the chunk starts follow from a short loop over chunks on (batch, E, N) tensors,
-h_{k+1} = exp(A D_end,k) h_k + local_end,k, and one more pass adds each chunk's exp(A D_t) h_k term. Few large ops
-(instead of a dozen per chunk) keep thread synchronisation rare, which matters on a loaded multi-core CPU. The Python
-loops run over segments and chunks, never over time steps.
+Backward. With g_t = dL/dh_t (all paths), the adjoint is the same recurrence run backwards in time,
 
-Backward: autograd through these ops; the graph holds a few numbers per (position, channel, state), O(batch·L·E·N)
-like the sequential reference's precomputed decays, never the O(L·C·E·N) a materialised pairwise form would need.
+    g_t = C_t dy_t + a_{t+1} g_{t+1},
+
+and it factors with the *same* W: g_t = W_t · [sum_{s>=t} x'_s / W_s + exp(A (D_end - p)) c],  x'_s = dy_s C_s, where
+c = a_{next} g_{next} is the gradient entering the chunk from its end. Then, with m_t = g_t ⊙ (h_t - x_t) (= g_t ⊙
+a_t h_{t-1}):
+
+    dC_t = sum_e dy_t[e] h_t[e],   d(delta u)_t = g_t · B_t,   dB_t = sum_e (delta u)_t[e] g_t[e],
+    d delta_t = sum_n A m_t  (+ d(delta u)_t u_t),   dA = sum_t delta_t m_t,   dh_0 = a_first g_first.
+
+Memory and speed. The sequence is processed in segments sized so that a segment's (batch, steps, E, N) tensors stay in
+the CPU cache (``SEGMENT_ELEMENTS``), with in-place ops; the forward keeps only the inputs and the state at every
+segment start, and the backward recomputes the states of one segment at a time. Memory is O(batch·L·(E + N)) plus one
+segment, never O(batch·L·E·N) as an autograd graph of the same ops would hold.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +48,10 @@ from torch import Tensor
 # largest |exponent| the factored form may meet, per accumulation dtype (see the module docstring)
 FACTOR_LIMIT = {torch.float32: 60.0, torch.float64: 300.0}
 PAIRWISE_CHUNK = 16
-SEGMENT = 512  # steps computed at once: bounds the intermediates (measured best among 128..2048, 1 thread)
+CUMSUM_BLOCK = 8  # steps summed by one triangle GEMM (measured: 8 beats 16, 32 and 64 at 1M numbers)
+# (batch x steps x E x N) numbers per segment: a few tensors of this size stay in the L2/L3 cache
+# (measured best among 2^18 .. 2^22 at batch 1 and 64, 1 and 2 threads)
+SEGMENT_ELEMENTS = 2**20
 
 
 def selective_scan_chunked(
@@ -57,111 +69,252 @@ def selective_scan_chunked(
     Returns y (batch, E, L) and the last state (batch, E, N). ``factor_limit`` overrides ``FACTOR_LIMIT`` (tests use
     0 to force the pairwise path everywhere).
     """
-    batch, E, L = u.shape
-    G, N = B.shape[1], B.shape[2]
-    Eg = E // G  # channels per B/C group
     limit = FACTOR_LIMIT.get(u.dtype, 60.0) if factor_limit is None else factor_limit
-    # time-major layout: y_t = H_t C_t is one batched matmul over (batch, t, group)
-    dlt = delta.transpose(1, 2).reshape(batch, L, G, Eg)
-    du = (delta * u).transpose(1, 2).reshape(batch, L, G, Eg)
-    Bt = B.permute(0, 3, 1, 2).contiguous()  # (batch, L, G, N)
-    Ct = C.permute(0, 3, 1, 2).contiguous()
-    Ag = A.view(G, Eg, N)
-    A_max = A.abs().amax(-1).view(G, Eg)  # bounds every exponent of a channel
-    h = u.new_zeros(batch, G, Eg, N) if initial_state is None else initial_state.view(batch, G, Eg, N)
-    segment = max(chunk_size, SEGMENT // chunk_size * chunk_size)
-    ys = []
-    for s0 in range(0, L, segment):
-        t = slice(s0, min(s0 + segment, L))
-        y, h = _segment(dlt[:, t], du[:, t], Bt[:, t], Ct[:, t], Ag, A_max, h, limit, chunk_size)
-        ys.append(y)
-    y = torch.cat(ys, dim=1).reshape(batch, L, E).transpose(1, 2)
-    return y, h.reshape(batch, E, N)
+    h0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state
+    return _SelectiveScan.apply(u, delta, A, B, C, h0, chunk_size, limit)
 
 
-def _segment(
-    dlt: Tensor,
-    du: Tensor,
-    Bt: Tensor,
-    Ct: Tensor,
-    Ag: Tensor,
-    A_max: Tensor,
-    h: Tensor,
-    limit: float,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor]:
-    """dlt, du (batch, T, G, Eg); Bt, Ct (batch, T, G, N); h (batch, G, Eg, N) -> y (batch, T, G, Eg), last state."""
-    batch, T, G, Eg = dlt.shape
-    N = Ag.shape[-1]
-    Lc = min(chunk_size, T)
-    pad = (-T) % Lc  # padded steps have delta = 0: no decay, no write
-    if pad:
-        dlt, du = F.pad(dlt, (0, 0, 0, 0, 0, pad)), F.pad(du, (0, 0, 0, 0, 0, pad))
-        Bt, Ct = F.pad(Bt, (0, 0, 0, 0, 0, pad)), F.pad(Ct, (0, 0, 0, 0, 0, pad))
-    nC = (T + pad) // Lc
-    dlt, du = dlt.view(batch, nC, Lc, G, Eg), du.view(batch, nC, Lc, G, Eg)
-    Bt, Ct = Bt.view(batch, nC, Lc, G, 1, N), Ct.view(batch, nC, Lc, G, N, 1)
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0, chunk_size: int, limit: float):
+        scan = _Layout(u, delta, A, B, C, chunk_size, limit)
+        ys, starts, h = [], [], h0.view(scan.h_shape)
+        for t in scan.segments():
+            starts.append(h)
+            H, h = scan.states(t, h)
+            T = t.stop - t.start
+            H = H.view(scan.batch, -1, scan.G, scan.Eg, scan.N)[:, :T]  # drop the padding
+            ys.append(H.mul_(scan.Ct[:, t, :, None]).sum(-1))  # y_t = H_t C_t: (batch, T, G, Eg)
+        ctx.save_for_backward(u, delta, A, B, C, *starts)
+        ctx.chunk_size, ctx.limit = chunk_size, limit
+        return scan.output(torch.cat(ys, dim=1)), h.reshape(h0.shape)
 
-    Dc = dlt.cumsum(2)  # (batch, nC, Lc, G, Eg) chunk-local cumulative step
-    hi, lo = Dc.amax(2).clamp(min=0), Dc.amin(2).clamp(max=0)  # the range of D, including D = 0 before the chunk
-    pivot = (hi + lo) / 2  # (batch, nC, G, Eg): halves the largest exponent
-    unsafe = A_max * (hi - lo) / 2 > limit
-    any_unsafe = bool(unsafe.any())
-    rel = Dc - pivot[:, :, None]
-    if any_unsafe:  # neutral values there (exp(0) = 1) so no inf reaches the graph; replaced below
-        rel = rel.masked_fill(unsafe[:, :, None], 0)
-        pivot = pivot.masked_fill(unsafe, 0)
-    arg = rel[..., None] * Ag  # (batch, nC, Lc, G, Eg, N)
-    w = (du[..., None] * Bt) * torch.exp(-arg)  # x_s exp(-A (D_s - p))
-    tril = torch.ones(Lc, Lc, dtype=w.dtype, device=w.device).tril()
-    # cumulative sum over each chunk as one GEMM (torch's cumsum along a non-last dim is several times slower)
-    S = (tril @ w.reshape(batch, nC, Lc, -1)).view(w.shape)
-    P = torch.exp(arg)
-    local_end = P[:, :, -1] * S[:, :, -1]  # (batch, nC, G, Eg, N): chunk-end state if the chunk started at 0
-    decay = torch.exp(Dc[:, :, -1, ..., None] * Ag)  # (batch, nC, G, Eg, N): the whole chunk's decay
-    if any_unsafe:
-        idx = unsafe.nonzero(as_tuple=True)  # (batch, chunk, group, channel) tuples that need the stable form
-        rows = _Rows(idx, dlt, du, Bt, Ct, Ag)
-        local_end = local_end.index_put(idx, rows.local[:, -1])
-
-    starts = []
-    for k in range(nC):  # state at every chunk start: a short loop on (batch, G, Eg, N) tensors
-        starts.append(h)
-        h = decay[:, k] * h + local_end[:, k]
-    h0 = torch.stack(starts, dim=1)  # (batch, nC, G, Eg, N)
-
-    S = S + (torch.exp(pivot[..., None] * Ag) * h0)[:, :, None]  # add exp(A p) h_0 inside the bracket
-    y = ((P * S) @ Ct).squeeze(-1)  # (batch, nC, Lc, G, Eg)
-    if any_unsafe:
-        y = y.permute(0, 1, 3, 4, 2).index_put(idx, rows.outputs(h0[idx])).permute(0, 1, 4, 2, 3)
-    return y.reshape(batch, nC * Lc, G, Eg)[:, :T], h
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor | None, dlast: Tensor | None):
+        u, delta, A, B, C, *starts = ctx.saved_tensors
+        scan = _Layout(u, delta, A, B, C, ctx.chunk_size, ctx.limit)
+        dyt = scan.time_major(dy if dy is not None else torch.zeros_like(u))
+        grads = {name: [] for name in ("du", "dB", "dC", "ddelta")}
+        dA = torch.zeros_like(scan.Ag)
+        # dL/dh at the last step of each segment from the steps after it (for the last segment: d last_state)
+        carry = torch.zeros(scan.h_shape, dtype=u.dtype, device=u.device) if dlast is None else dlast
+        carry = carry.reshape(scan.h_shape)
+        for t, h in reversed(list(zip(scan.segments(), starts))):
+            seg = scan.backward_segment(t, h, dyt[:, t], carry)
+            carry = seg.pop("carry")  # a_first g_first: what the segment before receives; after the first, dh_0
+            for name, value in seg.items():
+                if name == "dA":
+                    dA += value
+                else:
+                    grads[name].insert(0, value)
+        ddu, dBt, dCt, ddlt = (torch.cat(grads[name], dim=1) for name in ("du", "dB", "dC", "ddelta"))
+        du_full, ddlt = scan.output(ddu), scan.output(ddlt)
+        d_u = du_full * delta  # x = delta u B: the write's scale is delta * u
+        d_delta = ddlt + du_full * u
+        dB, dC = (M.permute(0, 2, 3, 1) for M in (dBt, dCt))  # (batch, L, G, N) -> (batch, G, N, L)
+        return d_u, d_delta, dA.view(A.shape), dB, dC, carry.reshape(u.shape[0], u.shape[1], -1), None, None
 
 
-class _Rows:
-    """The stable pairwise form for selected (batch, chunk, group, channel) rows."""
+class _Layout:
+    """Time-major views of one scan's inputs and the per-segment computations."""
 
-    def __init__(self, idx: tuple[Tensor, ...], dlt: Tensor, du: Tensor, Bt: Tensor, Ct: Tensor, Ag: Tensor) -> None:
-        bi, ki, gi, ei = idx
-        dlt, du = dlt[bi, ki, :, gi, ei], du[bi, ki, :, gi, ei]  # (rows, Lc)
-        self.B, self.C = Bt[bi, ki, :, gi, 0], Ct[bi, ki, :, gi, :, 0]  # (rows, Lc, N)
-        self.A = Ag[gi, ei]  # (rows, N)
-        self.Dc = dlt.cumsum(1)  # (rows, Lc)
-        hs, h = [], torch.zeros_like(self.A)
-        for c0 in range(0, dlt.shape[1], PAIRWISE_CHUNK):
-            t = slice(c0, min(c0 + PAIRWISE_CHUNK, dlt.shape[1]))
-            Dc = dlt[:, t].cumsum(1)  # (rows, n)
-            n = Dc.shape[1]
-            future = ~torch.ones(n, n, dtype=torch.bool, device=Dc.device).tril()  # s > t
-            expo = (Dc[:, :, None] - Dc[:, None, :])[..., None] * self.A[:, None, None]  # (rows, t, s, N)
-            # mask before exp: A (D_t - D_s) for s > t may be huge, and inf * 0 would poison the backward
-            decay = torch.exp(expo.masked_fill(future[..., None], float("-inf")))
-            x = du[:, t, None] * self.B[:, t]  # (rows, s, N)
-            H = (decay * x[:, None]).sum(2) + torch.exp(Dc[..., None] * self.A[:, None]) * h[:, None]  # (rows, t, N)
-            hs.append(H)
-            h = H[:, -1]
-        self.local = torch.cat(hs, dim=1)  # (rows, Lc, N): states if the chunk started from 0
+    def __init__(self, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, limit: float):
+        self.batch, self.E, self.L = u.shape
+        self.G, self.N = B.shape[1], B.shape[2]
+        self.Eg = self.E // self.G  # channels per B/C group
+        self.limit = limit
+        self.dlt = self.time_major(delta)  # (batch, L, G, Eg)
+        self.du = self.time_major(delta * u)
+        self.Bt = B.permute(0, 3, 1, 2).contiguous()  # (batch, L, G, N)
+        self.Ct = C.permute(0, 3, 1, 2).contiguous()
+        self.Ag = A.reshape(self.G, self.Eg, self.N)
+        self.A_max = A.abs().amax(-1).view(self.G, self.Eg)  # bounds every exponent of a channel
+        self.h_shape = (self.batch, self.G, self.Eg, self.N)
+        per_step = self.batch * self.E * self.N
+        self.chunk = max(1, min(chunk_size, self.L))
+        self.segment = max(self.chunk, SEGMENT_ELEMENTS // (per_step * self.chunk) * self.chunk)
+        self._buffers: dict[str, Tensor] = {}
 
-    def outputs(self, h0: Tensor) -> Tensor:
-        """y (rows, Lc) given each row's state h0 (rows, N) at the chunk start."""
-        H = self.local + torch.exp(self.Dc[..., None] * self.A[:, None]) * h0[:, None]
-        return (H * self.C).sum(-1)
+    def buffer(self, name: str, like: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+        """Workspace with ``like``'s dtype and shape (or ``shape``), reused by every segment: fresh multi-MB tensors
+        cost page faults on the CPU (about 1 ms per 4 MB here), more than the arithmetic done in them."""
+        shape = tuple(like.shape) if shape is None else shape
+        numel = math.prod(shape)
+        flat = self._buffers.get(name)
+        if flat is None or flat.numel() < numel:
+            flat = self._buffers[name] = like.new_empty(numel)
+        return flat[:numel].view(shape)
+
+    def time_major(self, x: Tensor) -> Tensor:
+        """(batch, E, L) -> (batch, L, G, Eg)."""
+        return x.transpose(1, 2).reshape(self.batch, self.L, self.G, self.Eg)
+
+    def output(self, x: Tensor) -> Tensor:
+        """(batch, L, G, Eg) -> (batch, E, L)."""
+        return x.reshape(self.batch, self.L, self.E).transpose(1, 2)
+
+    def segments(self) -> list[slice]:
+        return [slice(s, min(s + self.segment, self.L)) for s in range(0, self.L, self.segment)]
+
+    def _chunks(self, t: slice, *xs: Tensor) -> list[Tensor]:
+        """Pad a segment's (batch, T, ...) tensors to whole chunks (zeros: no decay, no write) and split them."""
+        T = t.stop - t.start
+        C = min(self.chunk, T)
+        pad = (-T) % C
+        nC = (T + pad) // C
+        out = []
+        for x in xs:
+            if pad:
+                x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+            out.append(x.reshape(self.batch, nC, C, *x.shape[2:]))
+        return out
+
+    def _factors(self, dlt: Tensor) -> dict[str, Tensor]:
+        """Chunk-local cumulative steps, pivots and W = exp(-A (D - p)) for chunked dlt (batch, nC, C, G, Eg)."""
+        D = dlt.cumsum(2)
+        hi, lo = D.amax(2).clamp(min=0), D.amin(2).clamp(max=0)  # the range of D, including D = 0 before the chunk
+        pivot = (hi + lo) / 2  # (batch, nC, G, Eg): halves the largest exponent
+        unsafe = self.A_max * (hi - lo) / 2 > self.limit
+        rel = D - pivot[:, :, None]
+        idx = None
+        if bool(unsafe.any()):  # neutral values there (exp(0) = 1) so nothing overflows; replaced by the pairwise form
+            rel = rel.masked_fill(unsafe[:, :, None], 0)
+            pivot = pivot.masked_fill(unsafe, 0)
+            idx = unsafe.nonzero(as_tuple=True)  # (batch, chunk, group, channel) rows
+        shape = (*rel.shape, self.N)  # (batch, nC, C, G, Eg, N)
+        W = torch.mul(rel[..., None], -self.Ag, out=self.buffer("W", rel, shape)).exp_()
+        return dict(D=D, pivot=pivot, W=W, idx=idx)
+
+    def states(self, t: slice, h: Tensor, f: dict | None = None) -> tuple[Tensor, Tensor]:
+        """All states h_t of segment ``t``, chunked (batch, nC, C, G, Eg, N), from the state h before the segment; and
+        the segment's last state. ``f``: the segment's factors, if already computed."""
+        dlt, du, Bt = self._chunks(t, self.dlt[:, t], self.du[:, t], self.Bt[:, t])
+        f = f or self._factors(dlt)
+        D, W, idx = f["D"], f["W"], f["idx"]
+        Bt = Bt[..., None, :]  # (batch, nC, C, G, 1, N)
+        S = self._cumsum(torch.mul(du[..., None], Bt, out=self.buffer("X", W)).mul_(W), "S", reverse=False)
+        local_end = S[:, :, -1] / W[:, :, -1]  # chunk-end states if each chunk started from 0
+        decay = torch.exp(D[:, :, -1, ..., None] * self.Ag)  # (batch, nC, G, Eg, N): each chunk's whole decay
+        if idx is not None:
+            rows = _pairwise(D, du[..., None] * Bt, self.Ag, idx, reverse=False)
+            local_end = local_end.index_put(idx, rows[:, -1])
+        starts = []
+        for k in range(D.shape[1]):  # state at every chunk start: a short loop on (batch, G, Eg, N) tensors
+            starts.append(h)
+            h = torch.addcmul(local_end[:, k], decay[:, k], h)
+        h_start = torch.stack(starts, dim=1)  # (batch, nC, G, Eg, N)
+        H = S.add_((torch.exp(f["pivot"][..., None] * self.Ag) * h_start)[:, :, None]).div_(W)
+        if idx is not None:  # rows' states: local + exp(A D_t) h_start
+            inflow = torch.exp(D.permute(0, 1, 3, 4, 2)[idx][..., None] * self.Ag[idx[2], idx[3]][:, None])
+            _put_rows(H, idx, rows + inflow * h_start[idx][:, None])
+        return H, h
+
+    def _cumsum(self, x: Tensor, out: str, reverse: bool) -> Tensor:
+        """Cumulative sum over dim 2 of (batch, nC, C, ...) (reverse: from the end) into buffer ``out``.
+
+        torch's CPU cumsum along a non-last dim is ~10x slower than a GEMM with a triangle of ones (measured, 1M
+        numbers); a C x C triangle costs 2C flops per number, so long chunks are summed in blocks of ``CUMSUM_BLOCK``
+        (one GEMM) plus the running totals of the blocks before (after) each one.
+        """
+        batch, nC, C = x.shape[:3]
+        block = CUMSUM_BLOCK if C % CUMSUM_BLOCK == 0 else C
+        ones = torch.ones(block, block, dtype=x.dtype, device=x.device)
+        rows = batch * nC * (C // block)
+        triangle = (ones.triu() if reverse else ones.tril()).expand(rows, block, block)
+        result = self.buffer(out, x)
+        blocks = result.view(batch * nC, C // block, block, -1)
+        torch.bmm(triangle, x.reshape(rows, block, -1), out=blocks.view(rows, block, -1))
+        if block < C:  # add the sums of the earlier (reverse: later) blocks of the same chunk
+            totals = blocks[:, :, 0 if reverse else -1]  # (batch * nC, C // block, M): each block's sum
+            if reverse:
+                carry = totals.flip(1).cumsum(1).flip(1)[:, 1:]
+                blocks[:, :-1] += carry[:, :, None]
+            else:
+                carry = totals.cumsum(1)[:, :-1]
+                blocks[:, 1:] += carry[:, :, None]
+        return result
+
+    def backward_segment(self, t: slice, h: Tensor, dy: Tensor, carry: Tensor) -> dict[str, Tensor]:
+        """Gradients of segment ``t`` from h (the state before it), dy (batch, T, G, Eg) and carry = dL/dh at the
+        segment's last step from the steps after it (a_next g_next)."""
+        dlt, du, Bt, Ct, dyc = self._chunks(t, self.dlt[:, t], self.du[:, t], self.Bt[:, t], self.Ct[:, t], dy)
+        T = t.stop - t.start
+        f = self._factors(dlt)
+        D, W, idx = f["D"], f["W"], f["idx"]
+        nC, C = D.shape[1], D.shape[2]
+        H = self.states(t, h, f)[0]
+        dC = torch.mul(H, dyc[..., None], out=self.buffer("X", H)).sum(-2)  # sum_e dy_t[e] h_t[e]
+
+        # the adjoint g: reverse cumulative sums of x'/W inside each chunk, then the carry from the chunk's end
+        # sum over s >= t of x'_s / W_s (each a direct sum: the terms shrink with s, so total - sum_{s<t} would cancel)
+        R = torch.mul(dyc[..., None], Ct[..., None, :], out=self.buffer("X", W)).div_(W)
+        Gr = self._cumsum(R, "G", reverse=True)
+        first = Gr[:, :, 0] * torch.exp(f["pivot"][..., None] * self.Ag)  # a_first g_first if c = 0
+        if idx is not None:
+            rows = _pairwise(D, dyc[..., None] * Ct[..., None, :], self.Ag, idx, reverse=True)
+            D_first = D[:, :, 0][idx]  # (rows,)
+            first = first.index_put(idx, rows[:, 0] * torch.exp(D_first[:, None] * self.Ag[idx[2], idx[3]]))
+        decay = torch.exp(D[:, :, -1, ..., None] * self.Ag)
+        carries = [None] * nC
+        for k in reversed(range(nC)):  # gradient entering every chunk from its end: a short reverse loop
+            carries[k] = carry
+            carry = torch.addcmul(first[:, k], decay[:, k], carry)
+        c = torch.stack(carries, dim=1)  # (batch, nC, G, Eg, N)
+        to_end = torch.exp((D[:, :, -1] - f["pivot"])[..., None] * self.Ag)  # exp(A (D_end - p))
+        Gadj = Gr.add_((to_end * c)[:, :, None]).mul_(W)
+        if idx is not None:
+            D_rows = D.permute(0, 1, 3, 4, 2)[idx]  # (rows, C)
+            from_end = torch.exp((D_rows[:, -1:] - D_rows)[..., None] * self.Ag[idx[2], idx[3]][:, None])
+            _put_rows(Gadj, idx, rows + from_end * c[idx][:, None])
+
+        tmp = self.buffer("X", H)
+        ddu = torch.mul(Gadj, Bt[..., None, :], out=tmp).sum(-1)  # (batch, nC, C, G, Eg)
+        dB = torch.mul(Gadj, du[..., None], out=tmp).sum(-2)  # (batch, nC, C, G, N)
+        M = H.addcmul_(du[..., None], Bt[..., None, :], value=-1).mul_(Gadj)  # g ⊙ a_t h_{t-1}
+        dA = torch.mul(M, dlt[..., None], out=tmp).sum((0, 1, 2))  # (G, Eg, N)
+        ddelta = M.mul_(self.Ag).sum(-1)
+
+        def unchunk(x: Tensor) -> Tensor:
+            return x.reshape(self.batch, nC * C, *x.shape[3:])[:, :T]
+
+        return dict(du=unchunk(ddu), dB=unchunk(dB), dC=unchunk(dC), ddelta=unchunk(ddelta), dA=dA, carry=carry)
+
+
+def _put_rows(X: Tensor, idx: tuple[Tensor, ...], rows: Tensor) -> None:
+    """X (batch, nC, C, G, Eg, N)[b, k, :, g, e] = rows (n_rows, C, N), in place."""
+    bi, ki, gi, ei = idx
+    X.permute(0, 1, 3, 4, 2, 5).index_put_((bi, ki, gi, ei), rows)
+
+
+def _pairwise(D: Tensor, x: Tensor, Ag: Tensor, idx: tuple[Tensor, ...], reverse: bool) -> Tensor:
+    """The stable pairwise form for selected (batch, chunk, group, channel) rows, each chunk starting from 0.
+
+    D (batch, nC, C, G, Eg) chunk-local cumulative steps; x (batch, nC, C, G, Eg, N) writes. Returns (rows, C, N):
+    forward: sum_{s<=t} exp(A (D_t - D_s)) x_s;  reverse: sum_{s>=t} exp(A (D_s - D_t)) x_s.
+    """
+    gi, ei = idx[2], idx[3]
+    Dr = D.permute(0, 1, 3, 4, 2)[idx]  # (rows, C)
+    xr = x.permute(0, 1, 3, 4, 2, 5)[idx]  # (rows, C, N)
+    A = Ag[gi, ei]  # (rows, N)
+    if reverse:  # run the forward form on the time-reversed chunk: D'_t = -D_{C-1-t} keeps D'_t - D'_s = D_s - D_t
+        return _pairwise_forward(-Dr.flip(1), xr.flip(1), A).flip(1)
+    return _pairwise_forward(Dr, xr, A)
+
+
+def _pairwise_forward(D: Tensor, x: Tensor, A: Tensor) -> Tensor:
+    """sum_{s<=t} exp(A (D_t - D_s)) x_s for rows D (rows, C), x (rows, C, N), A (rows, N), in sub-chunks."""
+    out, h = [], torch.zeros_like(A)
+    previous = D[:, :1]  # h = 0 before the first sub-chunk: any finite exponent will do (D may be negative)
+    for c0 in range(0, D.shape[1], PAIRWISE_CHUNK):
+        t = slice(c0, min(c0 + PAIRWISE_CHUNK, D.shape[1]))
+        Dt = D[:, t]  # (rows, n)
+        n = Dt.shape[1]
+        future = ~torch.ones(n, n, dtype=torch.bool, device=D.device).tril()  # s > t
+        expo = (Dt[:, :, None] - Dt[:, None, :])[..., None] * A[:, None, None]  # (rows, t, s, N)
+        # mask before exp: A (D_t - D_s) for s > t may be huge, and inf * 0 would poison the result
+        decay = torch.exp(expo.masked_fill(future[..., None], float("-inf")))
+        Hs = (decay * x[:, None, t]).sum(2) + torch.exp((Dt - previous)[..., None] * A[:, None]) * h[:, None]
+        out.append(Hs)
+        h, previous = Hs[:, -1], Dt[:, -1:]
+    return torch.cat(out, dim=1)
