@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from attnzoo.kernels.dispatch import choose_backend
-from attnzoo.kernels.linear_attn.chunked import linear_attn_chunked
+from attnzoo.kernels.linear_attn.chunked import linear_attn_chunked, linear_attn_chunked_normalized
 from attnzoo.kernels.linear_attn.reference import linear_attn_reference
 
 __all__ = ["linear_attn", "linear_attn_chunked", "linear_attn_reference"]
@@ -87,11 +87,14 @@ def linear_attn(
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
         if initial_state is not None:
             initial_state = initial_state.to(acc)
-        if normalize:
+        if normalize and causal and impl is linear_attn_chunked:  # the CPU path carries z beside S (no V + 1 GEMMs)
+            o, state = linear_attn_chunked_normalized(q, k, v, initial_state, chunk_size, eps)
+        elif normalize:
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, S, H, V + 1): last column accumulates z
-        o, state = impl(q, k, v, causal, initial_state, chunk_size)
-        if normalize:
+            o, state = impl(q, k, v, causal, initial_state, chunk_size)
             o = o[..., :-1] / (o[..., -1:] + eps)  # q_t . z_t is the last column of q_t S_t
+        else:
+            o, state = impl(q, k, v, causal, initial_state, chunk_size)
     return o.to(out_dtype), (state if output_final_state else None)
 
 
