@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -176,6 +177,37 @@ def gla_case(backend: str) -> KernelFactory:
     return factory
 
 
+def simple_gla_case(backend: str) -> KernelFactory:
+    def factory(B, T, H, D, causal, dtype, feature_dim=None) -> Case:
+        from attnzoo.kernels import simple_gla
+
+        q, k, v = _qkv(B, T, H, D, dtype, feature_dim)
+        g = torch.full((B, T, H), -1 / 32, dtype=dtype)  # a RetNet-like fixed per-head log decay (no gradient)
+        return Case([q, k, v], lambda q, k, v: simple_gla(q, k, v, g, backend=backend)[0])
+
+    factory.__doc__ = f"attnzoo.kernels.simple_gla (scalar decay per head: RetNet, Mamba-2), backend={backend!r}."
+    return factory
+
+
+def selective_scan_case(backend: str) -> KernelFactory:
+    def factory(B, T, H, D, causal, dtype, feature_dim=None) -> Case:
+        from attnzoo.kernels import selective_scan
+
+        E, N = H * D, feature_dim or 16  # channels = the attention's width; N = mamba's d_state
+        gen = torch.Generator().manual_seed(0)
+        u = torch.randn(B, E, T, generator=gen, dtype=dtype).requires_grad_(True)
+        delta = (torch.rand(B, E, T, generator=gen, dtype=dtype) * 0.1).requires_grad_(True)  # mamba's init range
+        A = -torch.arange(1, N + 1, dtype=dtype).repeat(E, 1)  # mamba's A = -(1..N)
+        Bm = torch.randn(B, N, T, generator=gen, dtype=dtype).requires_grad_(True)
+        Cm = torch.randn(B, N, T, generator=gen, dtype=dtype).requires_grad_(True)
+        return Case(
+            [u, delta, Bm, Cm], lambda u, d, Bm, Cm: selective_scan(u, d, A, Bm, Cm, backend=backend).transpose(1, 2)
+        )
+
+    factory.__doc__ = f"attnzoo.kernels.selective_scan over E = H x D channels, N = 16, backend={backend!r}."
+    return factory
+
+
 KERNEL_OPS: dict[str, KernelFactory] = {
     "sdpa": sdpa_case,
     "gla": gla_case("torch"),
@@ -183,6 +215,9 @@ KERNEL_OPS: dict[str, KernelFactory] = {
     "linear_attn": linear_attn_case("torch"),
     "linear_attn_reference": linear_attn_case("reference"),
     "linear_attn_cumsum": linear_attn_cumsum_case,
+    "simple_gla": simple_gla_case("torch"),
+    "selective_scan": selective_scan_case("torch"),
+    "selective_scan_reference": selective_scan_case("reference"),
 }
 KERNEL_BASELINE = "sdpa"
 
@@ -295,6 +330,85 @@ def summarise(args: argparse.Namespace, baseline: str, rows: list[dict]) -> dict
     )
 
 
+def _fit(Ts: list[float], ys: list[float], degree: int) -> list[float] | None:
+    """Least squares of y = sum_i c_i T^i (i <= degree) in relative error (each residual divided by y, so short and
+    long lengths weigh alike), coefficients kept >= 0 as costs; None with too few points."""
+    if len(Ts) < degree + 1:
+        return None
+    X = torch.tensor([[T**i for i in range(degree + 1)] for T in Ts], dtype=torch.float64)
+    y = torch.tensor(ys, dtype=torch.float64)
+    w = 1 / y
+    coef = torch.linalg.lstsq(X * w[:, None], y * w[:, None]).solution[:, 0]
+    if (coef < 0).any():  # refit without the negative terms (a cost model has no negative parts)
+        keep = coef >= 0
+        sub = torch.linalg.lstsq((X * w[:, None])[:, keep], y * w[:, None]).solution[:, 0]
+        coef = torch.zeros_like(coef)
+        coef[keep] = sub
+    return coef.tolist()
+
+
+def _crossing(quadratic: list[float], linear: list[float]) -> float | None:
+    """Smallest T > 0 where the linear cost model meets the quadratic one (a + bT + cT^2 = a' + b'T), or None."""
+    c = quadratic[2]
+    b = quadratic[1] - linear[1]
+    a = quadratic[0] - linear[0]
+    if c <= 0:
+        return None if b >= 0 else (-a / b if -a / b > 0 else 0.0)
+    disc = b * b - 4 * c * a
+    if disc < 0:
+        return 0.0  # the quadratic model is above the linear one everywhere: the method is always cheaper
+    roots = [r for r in ((-b - disc**0.5) / (2 * c), (-b + disc**0.5) / (2 * c)) if r > 0]
+    if a >= 0:  # softmax costs more at T = 0 already: cheaper from the start, or after the larger root
+        return 0.0 if not roots else max(roots)
+    return min(roots) if roots else None
+
+
+def efficiency_lengths(result: dict) -> list[dict]:
+    """CAB's efficiency length (Zhang et al. 2022, "CAB: Comprehensive Attention Benchmarking on Long Sequence
+    Modeling", §4.3): fit the baseline's cost as a + bT + cT^2 and each method's as a' + b'T over the measured lengths
+    (time of fwd+bwd, and peak memory) and report where the fits cross, beside the crossover read off the measured
+    points (the first measured T from which the method is cheaper at every longer length, interpolated in log T)."""
+    base = result["baseline"]
+    rows = [r for r in result["rows"] if "skipped" not in r]
+    out = []
+    for m in sorted({r["method"] for r in rows} - {base}):
+        entry = {"method": m}
+        for key, column in (("time", "fwdbwd_ms"), ("memory", "peak_mib")):
+            pairs = {r["T"]: r[column] for r in rows if r["method"] == m and r.get(column)}
+            bpairs = {r["T"]: r[column] for r in rows if r["method"] == base and r.get(column)}
+            Ts = sorted(set(pairs) & set(bpairs))
+            q = _fit(Ts, [bpairs[T] for T in Ts], 2)
+            lin = _fit(Ts, [pairs[T] for T in Ts], 1)
+            entry[f"{key}_fit"] = None if q is None or lin is None else _crossing(q, lin)
+            if entry[f"{key}_fit"] is not None and entry[f"{key}_fit"] > 4 * max(Ts):
+                entry[f"{key}_fit"] = f">{4 * max(Ts)}"  # far outside the measured lengths: not a prediction
+            entry[f"{key}_measured"] = _measured_crossing(Ts, [pairs[T] / bpairs[T] for T in Ts])
+        out.append(entry)
+    return out
+
+
+def _measured_crossing(Ts: list[int], ratios: list[float]) -> float | str | None:
+    """T where method / baseline falls below 1 for good (log-T interpolation); '<T0' if cheaper everywhere measured."""
+    if not Ts or ratios[-1] >= 1:
+        return None
+    i = len(ratios) - 1
+    while i > 0 and ratios[i - 1] < 1:
+        i -= 1
+    if i == 0:
+        return f"<{Ts[0]}"
+    lo, hi = math.log(Ts[i - 1]), math.log(Ts[i])
+    frac = (ratios[i - 1] - 1) / (ratios[i - 1] - ratios[i])  # ratio 1 between the two points
+    return round(math.exp(lo + frac * (hi - lo)))
+
+
+def _fmt_length(x) -> str:
+    if x is None:
+        return "none in range"
+    if isinstance(x, str):
+        return x
+    return "always cheaper" if x == 0 else f"{x:,.0f}"
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
@@ -322,6 +436,21 @@ def to_markdown(result: dict) -> str:
             f"{_fmt(r.get('fwd_speedup'), '.2f')} | {_fmt(r.get('fwdbwd_speedup'), '.2f')} | "
             f"{_fmt(r.get('memory_ratio'), '.2f')} | |"
         )
+    lengths = efficiency_lengths(result)
+    if lengths:
+        lines += [
+            "",
+            f"Efficiency length against `{base}` (CAB: where a linear fit of the method's cost crosses a quadratic fit "
+            "of the baseline's; 'measured' = where the measured ratio falls below 1 for good):",
+            "",
+            "| method | time: fit | time: measured | memory: fit | memory: measured |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for e in lengths:
+            lines.append(
+                f"| {e['method']} | {_fmt_length(e['time_fit'])} | {_fmt_length(e['time_measured'])} | "
+                f"{_fmt_length(e['memory_fit'])} | {_fmt_length(e['memory_measured'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -393,7 +522,8 @@ def write(result: dict, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     table = to_markdown(result)
     (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    summary = {**result, "efficiency_lengths": efficiency_lengths(result)}
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     plot(result, out / "results.png")
     return table
 

@@ -50,7 +50,7 @@ def train_one(name: str, width: int, seq_len: int, pairs: int, lr: float, args: 
     val = generate_mqar(**common, num_examples=256, seed=split_seed(0, "val"))
     test = generate_mqar(**common, num_examples=args.test_examples, seed=split_seed(0, "test"))
     torch.manual_seed(0)
-    heads = max(1, width // 32)
+    heads = args.heads or max(1, width // 32)
     # the layer's options as the command line uses them (configs/attention/<name>.yaml: RoPE for softmax, ...)
     spec = attention_defaults(name)
     model = GPT(
@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="widths 32/64/128, lrs 3e-4/1e-3/3e-3, 1500 steps")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (default: width // 32)")
     parser.add_argument("--mlp-ratio", type=float, default=0.0, help="0 = mixer-only blocks, as the main MQAR run")
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--test-examples", type=int, default=1000)
@@ -138,7 +139,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.json"
-    settings = {k: getattr(args, k) for k in ("max_steps", "batch", "vocab", "mlp_ratio", "train_examples", "target")}
+    keys = ("max_steps", "batch", "vocab", "heads", "mlp_ratio", "train_examples", "target")
+    settings = {k: getattr(args, k) for k in keys}
     runs: list[dict] = []
     if log.is_file() and not args.fresh:  # resume: keep finished cells measured with the same settings
         runs = [r for r in json.loads(log.read_text()) if r.get("settings") == settings]
