@@ -40,6 +40,8 @@ def sdpa(
         (B, T, H, Dv). A query with no visible real key gets a zero output rather than NaN.
     """
     T, S = q.shape[1], k.shape[1]
+    if causal and window is not None and q_offset == 0 and T == S and 2 * window < T:
+        return _banded(q, k, v, key_mask, window, dropout_p, scale)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     mask = None
     if causal:
@@ -62,3 +64,35 @@ def sdpa(
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask | ~has_key, dropout_p=dropout_p, scale=scale)
     out = out * has_key.to(out.dtype)
     return out.transpose(1, 2)
+
+
+def _banded(
+    q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, window: int, dropout_p: float, scale: float | None
+) -> Tensor:
+    """Causal sliding-window attention in O(T · window): blocks of ``window`` queries attend to their own block and
+    the one before (every key a query can see), under the band mask. Same result as the full masked form."""
+    B, T, H = q.shape[:3]
+    pad = (-T) % window
+    if pad:  # padded keys are masked out below; padded queries are dropped
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+    n = (T + pad) // window
+
+    def blocks(t: Tensor) -> Tensor:  # (B, T', H, D) -> (B, H, n, window, D)
+        return t.view(B, n, window, H, t.shape[-1]).permute(0, 3, 1, 2, 4)
+
+    def with_previous(t: Tensor) -> Tensor:  # (B, H, n, window, D) -> (B, H, n, 2 * window, D)
+        return torch.cat([F.pad(t, (0, 0, 0, 0, 1, 0))[:, :, :-1], t], dim=3)
+
+    qb, kb, vb = blocks(q), with_previous(blocks(k)), with_previous(blocks(v))
+    offset = torch.arange(window, device=q.device)[:, None]  # query a of a block sits at key index window + a
+    key = torch.arange(2 * window, device=q.device)[None, :]
+    band = (key <= offset + window) & (key > offset)  # (window, 2 * window): keys in (p - window, p]
+    real = torch.ones(B, T + pad, dtype=torch.bool, device=q.device) if key_mask is None else F.pad(key_mask, (0, pad))
+    real[:, T:] = False
+    real = with_previous(real.view(B, 1, n, window, 1)).transpose(-1, -2)  # (B, 1, n, 1, 2 * window)
+    real[:, :, 0, :, :window] = False  # the first block has no block before it
+    mask = band & real  # (B, 1, n, window, 2 * window)
+    has_key = mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask | ~has_key, dropout_p=dropout_p, scale=scale)
+    out = out * has_key.to(out.dtype)
+    return out.permute(0, 2, 3, 1, 4).reshape(B, T + pad, H, -1)[:, :T]

@@ -148,6 +148,25 @@ def test_sliding_window_equals_masked_softmax(rope):
     torch.testing.assert_close(mod(x), explicit_sliding_window(mod, x, 5), **F64)
 
 
+def test_sliding_window_long_sequence_with_padding_is_banded_and_exact():
+    """T > 2 x window takes the O(T x window) blocked path; padded keys and queries that see no real key included."""
+    w, T = 4, 37
+    mod = layer("sliding_window", window=w, rope=True)
+    x = randn(2, T, DIM)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[0, 10:20] = False  # queries 13..19 of row 0 see only padded keys: zero attention output, no NaN
+    mask[1, :3] = False
+    B, H, D = 2, mod.num_heads, mod.head_dim
+    q, k = mod.rope(mod.q_proj(x).view(B, T, H, D)), mod.rope(mod.k_proj(x).view(B, T, H, D))
+    v = mod.v_proj(x).view(B, T, H, D)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = ((j <= i) & (j > i - w))[None, None] & mask[:, None, None, :]
+    scores = torch.einsum("bthd,bshd->bhts", q, k).masked_fill(~allowed, -math.inf) / math.sqrt(D)
+    probs = torch.nan_to_num(scores.softmax(-1))  # rows with no visible key: zeros
+    ref = mod.o_proj(torch.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, DIM))
+    torch.testing.assert_close(mod(x, padding_mask=mask), ref, **F64)
+
+
 def test_sliding_window_wider_than_sequence_is_causal_softmax():
     mod, ref = layer("sliding_window", window=64), layer("softmax", rope=True)
     ref.qkv.weight.data = torch.cat([mod.q_proj.weight, mod.k_proj.weight, mod.v_proj.weight])
