@@ -25,15 +25,27 @@ class RotaryEmbedding(nn.Module):
         # kept in float64 and never saved: recomputed identically on load, precise enough for long contexts
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def _cos_sin(self, end: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin of the angles of positions 0 .. >= end - 1, (positions, D/2), grown by doubling: decoding then
+        costs a slice per step instead of four trigonometric ops per call."""
+        key = (dtype, device)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < end:
+            length = max(end, 2 * (0 if table is None else table[0].shape[0]), 256)
+            positions = torch.arange(length, device=device, dtype=torch.float64)
+            angles = torch.outer(positions, self.inv_freq.to(device)).to(dtype)  # (positions, D/2)
+            table = self._tables[key] = (angles.cos(), angles.sin())
+        return table
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         T = x.shape[1]
         # angles in float32 at least (bf16 positions would collide past 256), float64 for float64 inputs
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        positions = torch.arange(offset, offset + T, device=x.device, dtype=torch.float64)
-        angles = torch.outer(positions, self.inv_freq.to(x.device)).to(compute_dtype)  # (T, D/2)
-        cos = angles.cos()[None, :, None, :]  # (1, T, 1, D/2)
-        sin = angles.sin()[None, :, None, :]
+        cos, sin = self._cos_sin(offset + T, compute_dtype, x.device)
+        cos = cos[offset : offset + T, None, :]  # (T, 1, D/2)
+        sin = sin[offset : offset + T, None, :]
         x1, x2 = x.to(compute_dtype).chunk(2, dim=-1)
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return rotated.to(x.dtype)

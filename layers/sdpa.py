@@ -44,10 +44,13 @@ def sdpa(
         return _banded(q, k, v, key_mask, window, dropout_p, scale)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     mask = None
-    if causal:
-        if key_mask is None and window is None and q_offset == 0 and T == S:
+    if causal and key_mask is None and window is None:
+        if q_offset == 0 and T == S:
             out = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=dropout_p, is_causal=True, scale=scale)
             return out.transpose(1, 2)
+        if T == 1 and q_offset == S - 1:  # one decoding step: the newest query sees every key, no mask to build
+            return F.scaled_dot_product_attention(qh, kh, vh, dropout_p=dropout_p, scale=scale).transpose(1, 2)
+    if causal:
         q_pos = torch.arange(q_offset, q_offset + T, device=q.device)[:, None]  # (T, 1)
         k_pos = torch.arange(S, device=q.device)[None, :]  # (1, S)
         mask = k_pos <= q_pos
