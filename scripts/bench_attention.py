@@ -337,11 +337,11 @@ def _fit(Ts: list[float], ys: list[float], degree: int) -> list[float] | None:
         return None
     X = torch.tensor([[T**i for i in range(degree + 1)] for T in Ts], dtype=torch.float64)
     y = torch.tensor(ys, dtype=torch.float64)
-    w = 1 / y
-    coef = torch.linalg.lstsq(X * w[:, None], y * w[:, None]).solution[:, 0]
+    Xw, yw = X / y[:, None], torch.ones(len(ys), 1, dtype=torch.float64)  # rows scaled by 1 / y
+    coef = torch.linalg.lstsq(Xw, yw).solution[:, 0]
     if (coef < 0).any():  # refit without the negative terms (a cost model has no negative parts)
         keep = coef >= 0
-        sub = torch.linalg.lstsq((X * w[:, None])[:, keep], y * w[:, None]).solution[:, 0]
+        sub = torch.linalg.lstsq(Xw[:, keep], yw).solution[:, 0]
         coef = torch.zeros_like(coef)
         coef[keep] = sub
     return coef.tolist()
@@ -352,8 +352,8 @@ def _crossing(quadratic: list[float], linear: list[float]) -> float | None:
     c = quadratic[2]
     b = quadratic[1] - linear[1]
     a = quadratic[0] - linear[0]
-    if c <= 0:
-        return None if b >= 0 else (-a / b if -a / b > 0 else 0.0)
+    if c <= 0:  # no curvature: the method wins for good only if the baseline grows faster
+        return None if b <= 0 else max(0.0, -a / b)
     disc = b * b - 4 * c * a
     if disc < 0:
         return 0.0  # the quadratic model is above the linear one everywhere: the method is always cheaper

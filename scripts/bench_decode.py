@@ -4,7 +4,9 @@ For every attention with ``causal_self`` (or the ones named), a GPT of the given
 each length through its per-layer caches, then ``--steps`` single-token steps are timed (median of their times). A
 recurrent layer keeps a constant-size state, so its per-token time should not grow with the context; softmax reads
 a KV cache that grows with it. The ``ratio`` column is the per-token time at the longest context over the shortest.
-A second table gives tokens/s of a whole ``generate`` call (prompt + new tokens, sampling included).
+A second table gives tokens/s of a whole ``generate`` call (prompt + new tokens, sampling included). Layers take the
+options of ``configs/attention/<name>.yaml`` (RoPE for softmax), with cosformer's ``max_len`` raised to the longest
+context.
 
     python scripts/bench_decode.py --attention softmax gla mamba --contexts 256 1024 4096 --out bench_results/decode
 """
@@ -21,6 +23,7 @@ import torch
 
 from attnzoo.layers import list_attention
 from attnzoo.models import GPT
+from attnzoo.training.run import attention_defaults
 
 
 def per_token_ms(model: GPT, context: int, steps: int, vocab: int) -> float:
@@ -63,7 +66,10 @@ def main() -> None:
     rows = []
     for name in names:
         torch.manual_seed(0)
-        model = GPT(args.vocab, dim=args.dim, depth=args.depth, num_heads=args.heads, attention=name).eval()
+        spec = attention_defaults(name)  # the command line's options (configs/attention/<name>.yaml)
+        if "max_len" in spec:  # cosformer's fixed position range must cover the longest context
+            spec["max_len"] = max(args.contexts) + args.steps + 1
+        model = GPT(args.vocab, dim=args.dim, depth=args.depth, num_heads=args.heads, attention=spec).eval()
         try:
             ms = {c: per_token_ms(model, c, args.steps, args.vocab) for c in args.contexts}
         except ValueError as err:  # e.g. cosformer's fixed max_len below the longest context: say so, go on
