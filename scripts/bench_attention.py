@@ -47,6 +47,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from attnzoo.allocator import tune_malloc
+
 # ----------------------------------------------------------------------------------------------------------------
 # measurement
 
@@ -530,6 +532,7 @@ def write(result: dict, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    tune_malloc()  # as train.py does: freed CPU memory is reused, not page-faulted again (attnzoo/allocator.py)
     # files are rewritten after every length, so an interrupted long run keeps what it measured
     result = run(args, on_length=lambda partial: write(partial, args.out))
     print(write(result, args.out))

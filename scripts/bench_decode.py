@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from attnzoo.allocator import tune_malloc
 from attnzoo.layers import list_attention
 from attnzoo.models import GPT
 from attnzoo.training.run import attention_defaults
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench_results/decode"))
     args = parser.parse_args()
+    tune_malloc()  # as train.py does: freed CPU memory is reused, not page-faulted again (attnzoo/allocator.py)
 
     torch.set_num_threads(args.threads)
     names = args.attention or list_attention("causal_self")

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from attnzoo.allocator import tune_malloc
+
 
 def _median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
     for _ in range(warmup):
@@ -146,6 +148,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench_results/models"))
     args = parser.parse_args()
+    tune_malloc()  # as train.py does: freed CPU memory is reused, not page-faulted again (attnzoo/allocator.py)
     torch.set_num_threads(args.threads)
 
     rows: list[dict] = []

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from attnzoo.allocator import tune_malloc
 from attnzoo.data.mqar import generate_mqar, split_seed
 from attnzoo.layers import list_attention
 from attnzoo.models import GPT
@@ -109,6 +110,7 @@ def run_cell(job: tuple[str, int, int, int, argparse.Namespace]) -> list[dict]:
     """Every learning rate of one (attention, width, cell), stopping at the first that solves it."""
     name, width, seq_len, pairs, args = job
     torch.set_num_threads(args.threads)
+    tune_malloc()  # as train.py does (attnzoo/allocator.py)
     runs = []
     for lr in args.lrs:
         runs.append(train_one(name, width, seq_len, pairs, lr, args))

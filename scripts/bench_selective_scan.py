@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from attnzoo.allocator import tune_malloc
 from attnzoo.kernels import selective_scan
 
 
@@ -58,6 +59,7 @@ def main() -> None:
         help="timed runs of each backend (the reference backward takes tens of seconds at L=1024, so it runs once)",
     )
     args = parser.parse_args()
+    tune_malloc()  # as train.py does: freed CPU memory is reused, not page-faulted again (attnzoo/allocator.py)
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads} E={args.channels} N={args.d_state} chunk={args.chunk_size}")
     print("| L | pass | reference ms | chunked ms | ratio | max abs diff |")

@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import attnzoo.configs
+from attnzoo.allocator import tune_malloc
 from attnzoo.data import build_datamodule
 from attnzoo.errors import unknown
 from attnzoo.layers import attention_info, list_attention
@@ -165,6 +166,8 @@ def run(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
+    if cfg.get("tune_malloc", True):
+        tune_malloc()  # keep freed CPU memory for reuse (attnzoo/allocator.py); no-op without glibc
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     try:
