@@ -164,6 +164,7 @@ def main() -> None:
         for seq_len, pairs in cells
         if (name, width, seq_len, pairs) not in done
     ]
+    jobs.sort(key=lambda job: job[1] * job[2], reverse=True)  # widest, longest cells first: the pool ends together
     print(f"{len(jobs)} cells to run ({len(done)} resumed from {log}), {args.workers} workers", flush=True)
     ctx = torch.multiprocessing.get_context("spawn")  # fresh interpreters: no inherited thread pools
     with ctx.Pool(args.workers) as pool:
