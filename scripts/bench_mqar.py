@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -141,6 +142,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--out", type=Path, default=Path("bench_results/mqar"))
     parser.add_argument(
+        "--report-only", action="store_true", help="write the table and plots from runs.json without training"
+    )
+    parser.add_argument(
         "--fresh", action="store_true", help="ignore the runs already in --out/runs.json (default: resume from them)"
     )
     args = parser.parse_args()
@@ -166,10 +170,12 @@ def main() -> None:
         for seq_len, pairs in cells
         if (name, width, seq_len, pairs) not in done
     ]
+    if args.report_only:
+        jobs = []
     jobs.sort(key=lambda job: job[1] * job[2], reverse=True)  # widest, longest cells first: the pool ends together
     print(f"{len(jobs)} cells to run ({len(done)} resumed from {log}), {args.workers} workers", flush=True)
     ctx = torch.multiprocessing.get_context("spawn")  # fresh interpreters: no inherited thread pools
-    with ctx.Pool(args.workers) as pool:
+    with ctx.Pool(max(1, min(args.workers, len(jobs)))) as pool:
         for cell_runs in pool.imap_unordered(run_cell, jobs):
             for r in cell_runs:
                 r["settings"] = settings
@@ -192,9 +198,10 @@ def main() -> None:
     lines = [header, "|---" * (len(cells) + 3) + "|"]
     for name in names:
         for width in args.widths:
-            accs = [best[(name, width, s, p)]["test_acc"] for s, p in cells]
-            state = best[(name, width, *cells[-1])]["state_size"]
-            lines.append(f"| {name} | {width} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {state:,} |")
+            found = [best.get((name, width, s, p)) for s, p in cells]
+            accs = " | ".join("not run" if r is None else f"{r['test_acc']:.3f}" for r in found)
+            state = next((f"{r['state_size']:,}" for r in reversed(found) if r is not None), "")
+            lines.append(f"| {name} | {width} | {accs} | {state} |")
     table = "\n".join(lines)
     blocks = "mixer-only blocks" if args.mlp_ratio == 0 else f"MLP ratio {args.mlp_ratio:g}"
     about = f"{args.max_steps} steps max, batch {args.batch}, lrs {args.lrs}, vocab {args.vocab}, 2 layers, {blocks}"
@@ -211,23 +218,28 @@ def _plots(best: dict, names: list[str], widths: list[int], cells: list[tuple], 
 
     fig, axes = plt.subplots(1, len(widths), figsize=(3 + 2.2 * len(widths), 0.4 * len(names) + 1.8), squeeze=False)
     for ax, width in zip(axes[0], widths):
-        grid = [[best[(n, width, s, p)]["test_acc"] for s, p in cells] for n in names]
+        grid = [
+            [best[(n, width, s, p)]["test_acc"] if (n, width, s, p) in best else float("nan") for s, p in cells]
+            for n in names
+        ]
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set(title=f"d_model={width}", xticks=range(len(cells)), yticks=range(len(names)))
         ax.set_xticklabels([f"{s}/{p}" for s, p in cells], fontsize=7)
         ax.set_yticklabels(names if ax is axes[0][0] else [""] * len(names), fontsize=7)
         for i, row in enumerate(grid):
             for j, acc in enumerate(row):
-                ax.text(j, i, f"{acc:.2f}", ha="center", va="center", fontsize=6, color="w" if acc < 0.6 else "k")
+                label, dark = ("n/a", True) if math.isnan(acc) else (f"{acc:.2f}", acc < 0.6)
+                ax.text(j, i, label, ha="center", va="center", fontsize=6, color="w" if dark else "k")
     fig.tight_layout()
     fig.savefig(out / "mqar_heatmap.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     seq_len, pairs = cells[-1]
     for name in names:
-        pts = sorted(
-            (best[(name, w, seq_len, pairs)]["state_size"], best[(name, w, seq_len, pairs)]["test_acc"]) for w in widths
-        )
+        keys = [(name, w, seq_len, pairs) for w in widths if (name, w, seq_len, pairs) in best]
+        if not keys:
+            continue
+        pts = sorted((best[k]["state_size"], best[k]["test_acc"]) for k in keys)
         ax.plot(*zip(*pts), marker="o", label=name)
     ax.set(xscale="log", xlabel="decode state size (numbers per sequence)", ylabel="MQAR accuracy")
     ax.set_title(f"recall vs state, T={seq_len}, {pairs} kv pairs", fontsize=9)

@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="*", type=int, default=[1024, 4096])
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--d-state", type=int, default=16)
-    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=32, help="the torch backend's chunk (library default 32)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--repeats",
