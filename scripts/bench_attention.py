@@ -226,10 +226,11 @@ KERNEL_BASELINE = "sdpa"
 
 def layer_case_factory(name: str, pattern: str) -> Callable[..., Case]:
     def factory(B, T, H, D, causal, dtype, feature_dim=None) -> Case:
-        from attnzoo.layers import build_attention, pattern_flags
+        from attnzoo.layers import attention_info, build_attention, pattern_flags
 
         torch.manual_seed(0)
-        layer = build_attention(name, dim=H * D, num_heads=H, **pattern_flags(pattern)).to(dtype).train()
+        options = {"max_len": T} if "max_len" in attention_info(name).options else {}  # cosformer's position range
+        layer = build_attention(name, dim=H * D, num_heads=H, **pattern_flags(pattern), **options).to(dtype).train()
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(B, T, H * D, generator=gen, dtype=dtype).requires_grad_(True)
         params = [p for p in layer.parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""attnzoo.allocator.tune_malloc: after it, multi-MB temporaries reuse the heap instead of fresh, page-faulting mmaps."""
+"""attnzoo.allocator.tune_malloc: afterwards, multi-MB temporaries reuse the heap instead of fresh mmaps."""
 
 from __future__ import annotations
 
