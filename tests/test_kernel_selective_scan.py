@@ -65,6 +65,14 @@ def assert_close(name, ref, got, tol):
     assert err <= tol * max(scale, 1.0), f"{name}: max abs err {err:.3g} vs scale {scale:.3g} (tol {tol})"
 
 
+def assert_all_close(ref, got, tol):
+    """Output, last state and every input's gradient of two ``run`` results."""
+    assert_close("out", ref[0], got[0], tol)
+    assert_close("last_state", ref[1], got[1], tol)
+    for name in NAMES:
+        assert_close(f"d{name}", ref[2][name], got[2][name], tol)
+
+
 CASES = [
     pytest.param(dict(L=63), id="B2-E12-N8-L63"),
     pytest.param(dict(L=130, E=16, N=16), id="B2-E16-N16-L130"),
@@ -78,10 +86,7 @@ def test_chunked_matches_reference_float64(shape):
     inputs = make_inputs(**shape)
     ref = run(inputs, "reference")
     got = run(inputs, "torch", chunk_size=32)
-    assert_close("out", ref[0], got[0], 1e-10)
-    assert_close("last_state", ref[1], got[1], 1e-10)
-    for name in NAMES:
-        assert_close(f"d{name}", ref[2][name], got[2][name], 1e-10)
+    assert_all_close(ref, got, 1e-10)
 
 
 def test_chunked_matches_reference_float32():
@@ -131,10 +136,7 @@ def test_segments_match_reference_with_gradients(monkeypatch, segment_steps):
     monkeypatch.setattr(chunked, "SEGMENT_ELEMENTS", 2 * 6 * 4 * segment_steps)  # batch x E x N x steps
     ref = run(inputs, "reference")
     got = run(inputs, "torch", chunk_size=8)
-    assert_close("out", ref[0], got[0], 1e-10)
-    assert_close("last_state", ref[1], got[1], 1e-10)
-    for name in NAMES:
-        assert_close(f"d{name}", ref[2][name], got[2][name], 1e-10)
+    assert_all_close(ref, got, 1e-10)
 
 
 def test_backward_keeps_no_per_state_activations():

@@ -101,20 +101,20 @@ class _CausalChunked(torch.autograd.Function):
         starts, final = _prefix_sums(kv.view(N, BH, *kv.shape[1:]), S0)
         scores = torch.bmm(q, k.transpose(1, 2)).tril_()  # (N * BH, C, C)
         o = torch.bmm(q, starts.view_as(kv)).add_(torch.bmm(scores, v))  # (bmm + add_: baddbmm loops per batch on CPU)
-        z_final = den = None
+        z_starts = z_final = den = None
         if normalize:
             z_starts, z_final = _prefix_sums(k.sum(1).view(N, BH, -1), z0)  # (N, BH, K)
             den = torch.bmm(q, z_starts.view(N * BH, -1, 1)).squeeze(-1).add_(scores.sum(-1)).add_(eps)
             o.div_(den[..., None])
         # scores and chunk states are kept (O(T C + T K V / C), the size of q at C ~ K): recomputing them costs two
         # of the fourteen GEMMs of a forward + backward
-        ctx.save_for_backward(q, k, v, S0, z0, den, o if normalize else None, scores, starts)
+        ctx.save_for_backward(q, k, v, S0, z0, den, o if normalize else None, scores, starts, z_starts)
         ctx.BH, ctx.normalize = BH, normalize
         return o, final, z_final
 
     @staticmethod
     def backward(ctx, do: Tensor, dfinal: Tensor | None, dz_final: Tensor | None):
-        q, k, v, S0, z0, den, o, scores, starts = ctx.saved_tensors
+        q, k, v, S0, z0, den, o, scores, starts, z_starts = ctx.saved_tensors
         BH, normalize = ctx.BH, ctx.normalize
         N = q.shape[0] // BH
         starts = starts.view(N * BH, *starts.shape[2:])
@@ -136,8 +136,7 @@ class _CausalChunked(torch.autograd.Function):
         dv = torch.bmm(k, after).add_(torch.bmm(scores.transpose(1, 2), do))
         dz0 = None
         if normalize:
-            z_starts = _prefix_sums(k.sum(1).view(N, BH, -1), z0)[0].view(N * BH, 1, -1)
-            dq.addcmul_(dden[..., None], z_starts)
+            dq.addcmul_(dden[..., None], z_starts.view(N * BH, 1, -1))
             qz = torch.bmm(dden[:, None, :], q).view(N, BH, -1)  # (N, BH, K): sum_t dden_t q_t per chunk
             z_after = _suffix_sums(qz, dz_final)
             dk += z_after.view(N * BH, 1, -1)

@@ -197,7 +197,7 @@ class _Layout:
         local_end = S[:, :, -1] / W[:, :, -1]  # chunk-end states if each chunk started from 0
         decay = torch.exp(D[:, :, -1, ..., None] * self.Ag)  # (batch, nC, G, Eg, N): each chunk's whole decay
         if idx is not None:
-            rows = _pairwise(D, du[..., None] * Bt, self.Ag, idx, reverse=False)
+            rows = _pairwise(D, du, Bt[..., 0, :], self.Ag, idx, reverse=False)
             local_end = local_end.index_put(idx, rows[:, -1])
         starts = []
         for k in range(D.shape[1]):  # state at every chunk start: a short loop on (batch, G, Eg, N) tensors
@@ -252,7 +252,7 @@ class _Layout:
         Gr = self._cumsum(R, "G", reverse=True)
         first = Gr[:, :, 0] * torch.exp(f["pivot"][..., None] * self.Ag)  # a_first g_first if c = 0
         if idx is not None:
-            rows = _pairwise(D, dyc[..., None] * Ct[..., None, :], self.Ag, idx, reverse=True)
+            rows = _pairwise(D, dyc, Ct, self.Ag, idx, reverse=True)
             D_first = D[:, :, 0][idx]  # (rows,)
             first = first.index_put(idx, rows[:, 0] * torch.exp(D_first[:, None] * self.Ag[idx[2], idx[3]]))
         decay = torch.exp(D[:, :, -1, ..., None] * self.Ag)
@@ -287,15 +287,16 @@ def _put_rows(X: Tensor, idx: tuple[Tensor, ...], rows: Tensor) -> None:
     X.permute(0, 1, 3, 4, 2, 5).index_put_((bi, ki, gi, ei), rows)
 
 
-def _pairwise(D: Tensor, x: Tensor, Ag: Tensor, idx: tuple[Tensor, ...], reverse: bool) -> Tensor:
+def _pairwise(D: Tensor, scale: Tensor, vec: Tensor, Ag: Tensor, idx: tuple[Tensor, ...], reverse: bool) -> Tensor:
     """The stable pairwise form for selected (batch, chunk, group, channel) rows, each chunk starting from 0.
 
-    D (batch, nC, C, G, Eg) chunk-local cumulative steps; x (batch, nC, C, G, Eg, N) writes. Returns (rows, C, N):
-    forward: sum_{s<=t} exp(A (D_t - D_s)) x_s;  reverse: sum_{s>=t} exp(A (D_s - D_t)) x_s.
+    D, scale (batch, nC, C, G, Eg): chunk-local cumulative steps and the writes' per-channel scale; vec
+    (batch, nC, C, G, N): the writes' per-state factor (write x_s = scale_s vec_s, gathered per row, never formed for
+    every row). Returns (rows, C, N): forward: sum_{s<=t} exp(A (D_t - D_s)) x_s;  reverse: sum_{s>=t} ... (D_s - D_t).
     """
-    gi, ei = idx[2], idx[3]
+    bi, ki, gi, ei = idx
     Dr = D.permute(0, 1, 3, 4, 2)[idx]  # (rows, C)
-    xr = x.permute(0, 1, 3, 4, 2, 5)[idx]  # (rows, C, N)
+    xr = scale.permute(0, 1, 3, 4, 2)[idx][..., None] * vec.permute(0, 1, 3, 2, 4)[bi, ki, gi]  # (rows, C, N)
     A = Ag[gi, ei]  # (rows, N)
     if reverse:  # run the forward form on the time-reversed chunk: D'_t = -D_{C-1-t} keeps D'_t - D'_s = D_s - D_t
         return _pairwise_forward(-Dr.flip(1), xr.flip(1), A).flip(1)
