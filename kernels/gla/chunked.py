@@ -18,22 +18,24 @@ BOTH factors are <= 1 for any g <= 0 (-20 per step, or -1e4, is fine); one (s, K
 gates (simple GLA) take the same path with g broadcast over K (b is (..., C, 1), so the factors cost nothing).
 
 Inter-chunk: the chunk writes U_n = (k ⊙ exp(b_last - b))^T v are batched matmuls; the carry S_{n+1} = a_n S_n + U_n
-is solved in closed form by one matmul with a masked pairwise decay matrix over chunks (_chunk_transfer) when there
-are at most 2C chunks (its memory is then at most twice q's), otherwise by one fused multiply-add per chunk (a Python
-loop over chunks, never over time).
+is one fused multiply-add per chunk, written in place (a Python loop over chunks, never over time). A closed form by
+one matmul with a pairwise decay matrix over chunks was measured slower at every size (it costs N^2 K V and three
+transposing copies, against N small ops).
 
-Backward (custom autograd.Function) keeps only q, k, v, g and the initial state, and recomputes A and the chunk states
-(memory O(T (K + V + C) + (T / C) K V)). With do, and dH_{n+1} = gradient reaching S_{n+1}
+Backward (custom autograd.Function) keeps q, k, v, b, A and the chunk-start states, and recomputes the elementwise
+decays (memory O(T (K + V + C) + (T / C) K V)). With do, and dH_{n+1} = gradient reaching S_{n+1}
 (reverse carry dH_n = a_n dH_{n+1} + (q ⊙ exp(b))^T do):
 
     dv = A^T do + (k ⊙ exp(b_last - b)) dH_{n+1}
     dq = dq_A + (do S_n^T) ⊙ exp(b),    dk = dk_A + (v dH_{n+1}^T) ⊙ exp(b_last - b),  (dq_A, dk_A from dA = do v^T)
-    db = q ⊙ dq - k ⊙ dk,   db_last += rowsum(S_{n+1} ⊙ dH_{n+1}),   dg = reverse cumsum of db within the chunk,
+    db = q ⊙ dq - k ⊙ dk,   db_last += exp(b_last) rowsum(S_n ⊙ dH_{n+1}),   dg = reverse cumsum of db in the chunk,
     d initial_state = dH_0.
 
 (db: every exp(b_i - b_j) contributes +q dq through b_i and -k dk through b_j; the last row also scales the carried
 state. Terms with no decay, A's diagonal and the last row's own write, cancel exactly and are left out of db, which
-keeps dg accurate when exp(g) is tiny.) For scalar gates db is summed over K.
+keeps dg accurate when exp(g) is tiny.) For scalar gates db is summed over K. When c = C (the common case) all of this
+runs in the frames q_in = q ⊙ exp(b), k_in = k ⊙ exp(-b), which the forward saves in place of q and k
+(_bounded_grads): one exp per pass, and products take exp(b_last) on their small side.
 """
 
 from __future__ import annotations
@@ -45,23 +47,35 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _to_chunks(x: Tensor, C: int) -> Tensor:
-    """(B, T, H, D) -> (B, H, N, C, D), zero-padding T to a multiple of C at the FRONT.
+def _to_chunks(x: Tensor, C: int, scale: float = 1.0) -> Tensor:
+    """scale * x, (B, T, H, D) -> contiguous (B, H, N, C, D), zero-padding T to a multiple of C at the FRONT.
 
     Zero q, k, v and g = 0 before position 0 change nothing (the initial state passes through undecayed), and padding
     at the front keeps every chunk's last row a real position, which the exact-cancellation rule of dg relies on.
+    Contiguous, because every later elementwise op is several times slower on the strided (B, H, T, D) view.
     """
     B, T, H, D = x.shape
-    pad = (-T) % C
-    if pad:
-        x = F.pad(x, (0, 0, 0, 0, pad, 0))
-    return x.transpose(1, 2).reshape(B, H, -1, C, D)
+    N = -(-T // C)
+    out = x.new_empty(B, H, N * C, D)
+    out[:, :, : N * C - T].zero_()
+    real = out[:, :, N * C - T :]
+    if scale == 1.0:
+        real.copy_(x.transpose(1, 2))
+    else:
+        torch.mul(x.transpose(1, 2), scale, out=real)
+    return out.view(B, H, N, C, D)
 
 
-def _from_chunks(x: Tensor, T: int) -> Tensor:
-    """(B, H, N, C, D) -> (B, T, H, D), dropping the padded front."""
+def _from_chunks(x: Tensor, T: int, scale: float = 1.0) -> Tensor:
+    """scale * x, (B, H, N, C, D) -> contiguous (B, T, H, D), dropping the padded front."""
     B, H, N, C, D = x.shape
-    return x.reshape(B, H, N * C, D)[:, :, N * C - T :].transpose(1, 2)
+    out = x.new_empty(B, T, H, D)
+    real = x.view(B, H, N * C, D)[:, :, N * C - T :]
+    if scale == 1.0:
+        out.transpose(1, 2).copy_(real)
+    else:
+        torch.mul(real, scale, out=out.transpose(1, 2))
+    return out
 
 
 def _level_views(x: Tensor, s: int) -> tuple[Tensor, Tensor]:
@@ -143,33 +157,17 @@ def _diag_blocks(A: Tensor, c: int) -> Tensor:
     return torch.diagonal(blocks, dim1=len(lead), dim2=len(lead) + 2).movedim(-1, -3)
 
 
-def _chunk_transfer(carry_log: Tensor) -> tuple[Tensor, Tensor]:
-    """Closed form of the chunk carry S_{n+1} = exp(a_n) S_n + U_n, from carry_log a (B, H, N, K or 1).
+class _Saved(NamedTuple):
+    """What the forward keeps for the backward besides q, k, v: O(T (K + C) + (T / C) K V) memory."""
 
-    Returns W (B, H, K or 1, N + 1, N) with W[n, m] = exp(sum_{m < l < n} a_l) for m < n, else 0 (pairwise
-    differences of cumulative sums, masked with -inf before exp, so every exponent is <= 0), and decay0
-    (B, H, N + 1, K or 1) = exp(sum_{l < n} a_l). Then S_n = sum_m W[n, m] U_m + decay0[n] S_0 for n = 0..N (row N is
-    the final state), and the reverse carry is the transpose. Replaces N sequential small ops by one batched matmul.
-    """
-    a = carry_log.transpose(-1, -2)  # (B, H, K or 1, N)
-    before = F.pad(a.cumsum(-1), (1, 0))  # (..., N + 1): sum_{l < n} a_l
-    N = a.shape[-1]
-    upto = before[..., 1:]  # (..., N): sum_{l <= m} a_l
-    lower = torch.ones(N + 1, N, dtype=torch.bool, device=a.device).tril(-1)  # m < n
-    W = _exp((before[..., :, None] - upto[..., None, :]).masked_fill_(~lower, float("-inf")))
-    return W, _exp(before.clone()).transpose(-1, -2)
-
-
-def _carry_apply(W: Tensor, x: Tensor) -> Tensor:
-    """sum_m W[r, m] x_m per key channel: W (B, H, K or 1, R, M), x (B, H, M, K, V) -> (B, H, R, K, V)."""
-    B, H, M, K, V = x.shape
-    if W.shape[2] == 1:  # scalar gate: one decay for all of K x V
-        return (W[:, :, 0] @ x.reshape(B, H, M, K * V)).view(B, H, -1, K, V)
-    return (W @ x.transpose(2, 3)).transpose(2, 3)
+    b: Tensor  # (B, H, N, C, K or 1) log decay since the chunk start
+    c: int  # directly factored block size
+    A: Tensor  # (B, H, N, C, C) intra-chunk scores
+    starts: Tensor  # (B, H, N, K, V) state at every chunk start
 
 
 class _Parts(NamedTuple):
-    """What forward and backward share, recomputed in backward rather than saved (chunked shapes (B, H, N, ...))."""
+    """What forward and backward share; the backward recomputes the elementwise decays from the saved b."""
 
     b: Tensor  # (C, K or 1) log decay since the chunk start
     c: int  # directly factored block size
@@ -179,35 +177,46 @@ class _Parts(NamedTuple):
     k_in: Tensor  # (C, K) k ⊙ k_exp
     A: Tensor  # (C, C) intra-chunk scores
     q_decay: Tensor  # (C, K or 1) exp(b)
-    k_decay: Tensor  # (C, K or 1) exp(b_last - b)
-    k_out: Tensor  # (C, K) k ⊙ k_decay: each key's write as seen at the chunk end
+    k_decay: Tensor | None  # (C, K or 1) exp(b_last - b); None when c = C (see _bounded_grads)
+    k_out: Tensor | None  # (C, K) k ⊙ k_decay: each key's write as seen at the chunk end; None when c = C
     carry: Tensor  # (K or 1, 1) exp(b_last)
     starts: Tensor  # (K, V) state at every chunk start
     final: Tensor | None  # (B, H, K, V) state after the last chunk (None when starts were given)
 
 
 def _forward_parts(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None, starts: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None, saved: _Saved | None = None
 ) -> _Parts:
-    """All shared quantities; given the saved chunk-start states (backward), the state scan is skipped."""
+    """All shared quantities; given what the forward saved (backward), b, c, A and the state scan are reused."""
     C = q.shape[-2]
-    b = g.cumsum(-2)
-    c = _direct_block_size(g, b)
-    q_decay = _exp(b.clone())
-    if c == 1:  # 1 x 1 diagonal blocks have decay exactly 1; factoring exp(g_i) exp(-g_i) would overflow for g < -88
-        q_exp = k_exp = torch.ones_like(b)
-    elif c == C:
-        q_exp, k_exp = q_decay, _exp(b.neg())
+    if saved is None:
+        b = g.cumsum(-2)
+        c, A, starts = _direct_block_size(g, b), None, None
     else:
-        q_exp, k_exp = _direct_factors(b, c)
-    q_in, k_in = q * q_exp, k * k_exp
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    diag = (q_in.unflatten(-2, (-1, c)) @ k_in.unflatten(-2, (-1, c)).transpose(-1, -2)).masked_fill_(~causal, 0)
-    if c == C:
-        A = diag.squeeze(-3)  # (B, H, N, C, C)
+        b, c, A, starts = saved
+    b_last = b[..., -1:, :]  # (B, H, N, 1, K or 1)
+    if c == C > 1:
+        # every |b| <= FACTOR_BOUND: one exp (the dearest elementwise op, 7x a multiply) gives all three decays, each
+        # within 2 ulp of its own exp and far from the denormal range; A is one matmul
+        q_decay = q_exp = b.exp()
+        k_exp = q_decay.reciprocal()
+        k_decay = k_out = None  # k_out = k_in ⊙ exp(b_last): every product with it takes exp(b_last) on the small side
+        q_in, k_in = q * q_exp, k * k_exp
+        if A is None:
+            A = (q_in @ k_in.transpose(-1, -2)).tril_()  # (B, H, N, C, C)
     else:
+        q_decay = _exp(b.clone())
+        k_decay = _exp(b_last - b)
+        if c == 1:  # 1 x 1 diagonal blocks have decay exactly 1; factoring exp(g_i) exp(-g_i) overflows for g < -88
+            q_exp = k_exp = torch.ones_like(b)
+        else:
+            q_exp, k_exp = _direct_factors(b, c)
+        q_in, k_in = q * q_exp, k * k_exp
+    if A is None and not c == C > 1:
+        causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        diag = q_in.unflatten(-2, (-1, c)) @ k_in.unflatten(-2, (-1, c)).transpose(-1, -2)
         A = q.new_zeros(*q.shape[:-1], C)
-        _diag_blocks(A, c).copy_(diag)
+        _diag_blocks(A, c).copy_(diag.masked_fill_(~causal, 0))
         s = c
         while s < C:
             lower_exp, upper_exp = _level_factors(b, s)
@@ -215,27 +224,20 @@ def _forward_parts(
             k_up = _level_views(k, s)[0] * upper_exp
             _offdiag_blocks(A, s).copy_(q_low @ k_up.transpose(-1, -2))
             s *= 2
-    b_last = b[..., -1:, :]  # (B, H, N, 1, K or 1)
-    k_decay = _exp(b_last - b)
-    k_out = k * k_decay
+    if k_decay is not None:
+        k_out = k * k_decay
     carry = b_last.transpose(-1, -2).exp()  # (B, H, N, K or 1, 1)
-    state = None
+    final = None
     if starts is None:
-        writes = k_out.transpose(-1, -2) @ v  # (B, H, N, K, V)
-        B, H, N, _, K = q.shape
-        state = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state
-        if N <= 2 * C:  # closed form; its (N + 1) x N decay matrix costs at most twice q's memory
-            W, decay0 = _chunk_transfer(b_last[..., 0, :])
-            states = _carry_apply(W, writes)  # (B, H, N + 1, K, V)
-            if initial_state is not None:
-                states = states.addcmul_(decay0[..., None], initial_state[:, :, None])
-            starts, state = states[:, :, :N], states[:, :, N]
-        else:  # one multiply-add per chunk
-            starts = torch.empty_like(writes)
-            for n in range(N):
-                starts[:, :, n] = state
-                state = torch.addcmul(writes[:, :, n], carry[:, :, n], state)
-    return _Parts(b, c, q_exp, q_in, k_exp, k_in, A, q_decay, k_decay, k_out, carry, starts, state)
+        # (B, H, N, K, V); when c = C, k_out^T v = (k_in^T v) ⊙ exp(b_last), scaled on the (K, V) side
+        writes = k_out.transpose(-1, -2) @ v if k_out is not None else (k_in.transpose(-1, -2) @ v).mul_(carry)
+        N = q.shape[2]
+        starts = torch.empty_like(writes)
+        starts[:, :, 0] = 0 if initial_state is None else initial_state
+        for n in range(N - 1):  # S_{n+1} = a_n S_n + U_n, in place
+            torch.addcmul(writes[:, :, n], carry[:, :, n], starts[:, :, n], out=starts[:, :, n + 1])
+        final = torch.addcmul(writes[:, :, N - 1], carry[:, :, N - 1], starts[:, :, N - 1])
+    return _Parts(b, c, q_exp, q_in, k_exp, k_in, A, q_decay, k_decay, k_out, carry, starts, final)
 
 
 def _intra_grads(dA: Tensor, q: Tensor, k: Tensor, p: _Parts) -> tuple[Tensor, Tensor]:
@@ -245,7 +247,9 @@ def _intra_grads(dA: Tensor, q: Tensor, k: Tensor, p: _Parts) -> tuple[Tensor, T
     a cancellation that would swamp dg when the gates are very negative (true dg ~ exp(g) there).
     """
     C, c = q.shape[-2], p.c
-    dblocks = dA.unsqueeze(-3) if c == C else _diag_blocks(dA, c)  # (..., C / c, c, c)
+    if c == C:
+        return (dA @ p.k_in).mul_(p.q_exp), (dA.transpose(-1, -2) @ p.q_in).mul_(p.k_exp)
+    dblocks = _diag_blocks(dA, c)  # (..., C / c, c, c)
     dq = (dblocks @ p.k_in.unflatten(-2, (-1, c))).flatten(-3, -2).mul_(p.q_exp)
     dk = (dblocks.transpose(-1, -2) @ p.q_in.unflatten(-2, (-1, c))).flatten(-3, -2).mul_(p.k_exp)
     s = c
@@ -260,67 +264,125 @@ def _intra_grads(dA: Tensor, q: Tensor, k: Tensor, p: _Parts) -> tuple[Tensor, T
     return dq, dk
 
 
+def _mm_add(add: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """add + a @ b over the chunk batch dims as one GEMM with beta = 1 (no separate pass for the sum)."""
+    return torch.baddbmm(add.flatten(0, -3), a.flatten(0, -3), b.flatten(0, -3)).view(add.shape)
+
+
+def _bounded_parts(q_in: Tensor, k_in: Tensor, b: Tensor, A: Tensor, starts: Tensor) -> _Parts:
+    """The backward's _Parts when c = C from the saved q_in, k_in: one exp and one reciprocal, as in the forward."""
+    q_decay = b.exp()
+    carry = q_decay[..., -1:, :].transpose(-1, -2)  # exp(b_last)
+    return _Parts(
+        b, b.shape[-2], q_decay, q_in, q_decay.reciprocal(), k_in, A, q_decay, None, None, carry, starts, None
+    )
+
+
+def _bounded_grads(
+    do: Tensor, v: Tensor, p: _Parts, after: Tensor, carried: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """dq, dk, dv and db when c = C (every |b| <= FACTOR_BOUND), in the frames of q_in = q ⊙ e and k_in = k ⊙ e^-1.
+
+    With e = exp(b), a = exp(b_last) and dH' = a ⊙ dH_{n+1} (the reverse carry scaled to the chunk start):
+        dq = (dA k_in + do S_n^T) ⊙ e,   dk = (dA^T q_in + v dH'^T) ⊙ e^-1,   dv = A^T do + k_in dH'
+    plus the diagonal terms, so q ⊙ dq = q_in ⊙ X and k ⊙ dk = k_in ⊙ Y use the GEMM outputs X, Y directly: three
+    GEMM-accumulates and seven elementwise passes instead of the general path's eleven.
+    """
+    after_scaled = after * p.carry  # (B, H, N, K, V)
+    dv = _mm_add(p.A.transpose(-1, -2) @ do, p.k_in, after_scaled)
+    dA = do @ v.transpose(-1, -2)  # (B, H, N, C, C)
+    dA_diag = dA.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).clone()  # (B, H, N, C, 1)
+    dA.tril_(-1)
+    X = _mm_add(do @ p.starts.transpose(-1, -2), dA, p.k_in)
+    through_end = v @ after_scaled.transpose(-1, -2)  # (B, H, N, C, K): k_in-frame gradient through the chunk end
+    Y = _mm_add(through_end, dA.transpose(-1, -2), p.q_in)
+    db = None
+    if carried is not None:  # g needs a gradient
+        # b-dependent terms only (module docstring). Row C - 1: dA's last column is zero, so k ⊙ dk there is the
+        # row's own write alone, which cancels exactly and is left out
+        db = (p.q_in * X).addcmul_(p.k_in, Y, value=-1)
+        last_q = p.q_in[..., -1, :] * X[..., -1, :]
+        written = (p.k_in[..., :-1, :] * through_end[..., :-1, :]).sum(-2)
+        db[..., -1, :] = last_q.add_(written).add_(carried)
+    # the diagonal terms dA_ii k_i = dA_ii k_in,i e_i and dA_ii q_i = dA_ii q_in,i e_i^-1 join before the scaling
+    dq = X.addcmul_(dA_diag, p.k_in).mul_(p.q_decay)
+    dk = Y.addcmul_(dA_diag, p.q_in).mul_(p.k_exp)
+    return dq, dk, dv, db
+
+
+def _blocked_grads(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, p: _Parts, after: Tensor, carried: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """dq, dk, dv and db for any gates (c < C: blocks and the exact hierarchy), following the module docstring."""
+    dv = _mm_add(p.A.transpose(-1, -2) @ do, p.k_out, after)
+    dA = do @ v.transpose(-1, -2)  # (B, H, N, C, C)
+    dA_diag = dA.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).clone()  # (B, H, N, C, 1)
+    dq, dk = _intra_grads(dA.tril_(-1), q, k, p)
+    dq.addcmul_(do @ p.starts.transpose(-1, -2), p.q_decay)  # now dq without the diagonal term
+    dk_out = v @ after.transpose(-1, -2)  # (B, H, N, C, K) gradient of k_out
+    db = None
+    if carried is not None:  # g needs a gradient
+        # b-dependent terms only (module docstring): A's diagonal and the last row's own write are left out
+        db = (q * dq).sub_(k * dk)
+        through_end = p.k_out * dk_out  # k ⊙ dk through exp(b_last - b): -db_j, and +db_last summed over j
+        db[..., :-1, :] -= through_end[..., :-1, :]
+        db[..., -1, :] += through_end[..., :-1, :].sum(-2) + carried
+    dq = dq.addcmul_(dA_diag, k)
+    dk = dk.addcmul_(dk_out, p.k_decay).addcmul_(dA_diag, q)
+    return dq, dk, dv, db
+
+
 class _ChunkedGLA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None):  # chunked
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, C: int, initial_state: Tensor | None):
+        T = q.shape[1]
+        q, k, v, g = _to_chunks(q, C, scale), _to_chunks(k, C), _to_chunks(v, C), _to_chunks(g, C)
         p = _forward_parts(q, k, v, g, initial_state)
         q_start = p.q_in if p.q_exp is p.q_decay else q * p.q_decay  # q ⊙ exp(b)
-        o = (p.A @ v).add_(q_start @ p.starts)  # (B, H, N, C, V)
-        # the chunk-start states are the O((T / C) K V) part of the memory bound; A and the decays are recomputed
-        ctx.save_for_backward(q, k, v, g, p.starts)
+        o = _mm_add(p.A @ v, q_start, p.starts)  # (B, H, N, C, V)
+        # A and the chunk-start states are saved (two matmuls and the state scan fewer); the decays are recomputed.
+        # When c = C the backward works in the frames of q_in, k_in only, so those replace q, k (same memory)
+        bounded = p.c == C > 1
+        ctx.save_for_backward(p.q_in if bounded else q, p.k_in if bounded else k, v, p.b, p.A, p.starts)
+        ctx.c, ctx.T, ctx.scale = p.c, T, scale
         ctx.has_initial_state = initial_state is not None
-        return o, p.final
+        return _from_chunks(o, T), p.final
 
     @staticmethod
     def backward(ctx, do: Tensor, dfinal: Tensor | None):
-        q, k, v, g, starts = ctx.saved_tensors
-        p = _forward_parts(q, k, v, g, None, starts)
+        q, k, v, b, A, starts = ctx.saved_tensors  # q_in, k_in for q, k when c = C
+        T, scale = ctx.T, ctx.scale
         C, N = q.shape[-2], q.shape[2]
-        q_start = p.q_in if p.q_exp is p.q_decay else q * p.q_decay
-        # reverse carry: dH after chunk n, for every n
-        from_outputs = q_start.transpose(-1, -2) @ do  # (B, H, N, K, V)
-        if N <= 2 * C:  # closed form, as in the forward: the reverse carry is the transposed transfer
-            W, decay0 = _chunk_transfer(p.b[..., -1, :])
-            if dfinal is not None:  # the final state's gradient enters as row N
-                from_outputs = torch.cat([from_outputs, dfinal[:, :, None]], dim=2)
-                W = W.transpose(-1, -2)
-            else:
-                W = W[..., :N, :].transpose(-1, -2)
-                decay0 = decay0[:, :, :N]
-            after = _carry_apply(W, from_outputs)  # (B, H, N, K, V)
-            dinitial = (from_outputs * decay0[..., None]).sum(2)
+        do = _to_chunks(do, C)
+        if ctx.c == C > 1:
+            p = _bounded_parts(q, k, b, A, starts)
         else:
-            grad = torch.zeros_like(starts[:, :, 0]) if dfinal is None else dfinal
-            after = torch.empty_like(from_outputs)
-            for n in reversed(range(N)):
-                after[:, :, n] = grad
-                grad = torch.addcmul(from_outputs[:, :, n], p.carry[:, :, n], grad)
-            dinitial = grad
-
-        dv = (p.A.transpose(-1, -2) @ do).add_(p.k_out @ after)
-        strictly_lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
-        dA = (do @ v.transpose(-1, -2)).masked_fill_(~strictly_lower, 0)  # (B, H, N, C, C)
-        dA_diag = (do * v).sum(-1, keepdim=True)  # (B, H, N, C, 1): the diagonal of do v^T
-        dq, dk = _intra_grads(dA, q, k, p)
-        dq.addcmul_(do @ p.starts.transpose(-1, -2), p.q_decay)  # now dq without the diagonal term
-        dk_out = v @ after.transpose(-1, -2)  # (B, H, N, C, K) gradient of k_out
-
-        dg = None
+            p = _forward_parts(q, k, v, b, None, _Saved(b, ctx.c, A, starts))
+        q_start = p.q_in if p.q_exp is p.q_decay else q * p.q_decay
+        # reverse carry dH_n = a_n dH_{n+1} + (q ⊙ exp(b))^T do; after[n] = dH_{n+1}, the gradient after chunk n
+        from_outputs = q_start.transpose(-1, -2) @ do  # (B, H, N, K, V)
+        after = torch.empty_like(from_outputs)
+        after[:, :, N - 1] = 0 if dfinal is None else dfinal
+        for n in range(N - 1, 0, -1):
+            torch.addcmul(from_outputs[:, :, n], p.carry[:, :, n], after[:, :, n], out=after[:, :, n - 1])
+        needs_dinitial = ctx.has_initial_state and ctx.needs_input_grad[6]
+        dinitial = torch.addcmul(from_outputs[:, :, 0], p.carry[:, :, 0], after[:, :, 0]) if needs_dinitial else None
+        carried = None  # (B, H, N, K): exp(b_last) rowsum(S_n ⊙ dH), the last row's term of db through the carry
         if ctx.needs_input_grad[3]:
-            # b-dependent terms only (module docstring): A's diagonal and the last row's own write are left out
-            db = (q * dq).sub_(k * dk)
-            through_end = p.k_out * dk_out  # k ⊙ dk through exp(b_last - b): -db_j, and +db_last summed over j
-            db[..., :-1, :] -= through_end[..., :-1, :]
-            carried = (p.starts * after).sum(-1) * p.carry[..., 0]  # (B, H, N, K): exp(b_last) rowsum(S_n ⊙ dH)
-            db[..., -1, :] += through_end[..., :-1, :].sum(-2) + carried
-            if g.shape[-1] == 1:
+            carried = (p.starts * after).sum(-1) * p.carry[..., 0]
+        if p.c == C > 1:
+            dq, dk, dv, db = _bounded_grads(do, v, p, after, carried)
+        else:
+            dq, dk, dv, db = _blocked_grads(do, q, k, v, p, after, carried)
+        dg = None
+        if db is not None:
+            if b.shape[-1] == 1:
                 db = db.sum(-1, keepdim=True)
             # b_i = sum_{r <= i} g_r, so dg_r = sum_{i >= r} db_i: a reverse cumsum, as a matmul with triu ones
             dg = torch.ones(C, C, dtype=db.dtype, device=db.device).triu() @ db
-        dq = dq.addcmul_(dA_diag, k)
-        dk = dk.addcmul_(dk_out, p.k_decay).addcmul_(dA_diag, q)
-        needs_dinitial = ctx.has_initial_state and ctx.needs_input_grad[4]
-        return dq, dk, dv, dg, (dinitial if needs_dinitial else None)
+        dq, dk, dv = _from_chunks(dq, T, scale), _from_chunks(dk, T), _from_chunks(dv, T)
+        dg = None if dg is None else _from_chunks(dg, T)
+        return dq, dk, dv, dg, None, None, dinitial
 
 
 def gla_chunked(
@@ -333,7 +395,4 @@ def gla_chunked(
     """
     T = q.shape[1]
     C = min(chunk_size, 1 << max(T - 1, 0).bit_length())
-    o, final = _ChunkedGLA.apply(
-        _to_chunks(q * scale, C), _to_chunks(k, C), _to_chunks(v, C), _to_chunks(g, C), initial_state
-    )
-    return _from_chunks(o, T), final
+    return _ChunkedGLA.apply(q, k, v, g, scale, C, initial_state)
