@@ -55,18 +55,37 @@ def accuracy(model: GPT, data: dict[str, torch.Tensor], batch: int = 256) -> flo
     return correct / max(total, 1)
 
 
+def build_model(name: str, width: int, seq_len: int, args: argparse.Namespace) -> GPT:
+    torch.manual_seed(0)
+    heads = args.heads or max(1, width // 32)
+    # the layer's options as the command line uses them (configs/attention/<name>.yaml: RoPE for softmax, ...)
+    spec = attention_defaults(name)
+    return GPT(
+        args.vocab, dim=width, depth=2, num_heads=heads, attention=spec, max_seq_len=seq_len, mlp_ratio=args.mlp_ratio
+    )
+
+
+def probe_seconds(job: tuple[str, int, int, int, argparse.Namespace]) -> float:
+    """A job's cost if no run stops early: the median of 3 timed training steps x steps x learning rates."""
+    name, width, seq_len, _, args = job
+    torch.set_num_threads(args.threads)
+    tune_malloc()
+    model = build_model(name, width, seq_len, args)
+    tokens = torch.randint(0, args.vocab, (args.batch, seq_len), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(4):  # the first step pays for lazy initialisation
+        start = time.perf_counter()
+        F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[1] * args.max_steps * len(args.lrs)
+
+
 def train_one(name: str, width: int, seq_len: int, pairs: int, lr: float, args: argparse.Namespace) -> dict:
     common = dict(vocab_size=args.vocab, input_seq_len=seq_len, num_kv_pairs=pairs)
     train = generate_mqar(**common, num_examples=args.train_examples, seed=split_seed(0, "train"))
     val = generate_mqar(**common, num_examples=256, seed=split_seed(0, "val"))
     test = generate_mqar(**common, num_examples=args.test_examples, seed=split_seed(0, "test"))
-    torch.manual_seed(0)
-    heads = args.heads or max(1, width // 32)
-    # the layer's options as the command line uses them (configs/attention/<name>.yaml: RoPE for softmax, ...)
-    spec = attention_defaults(name)
-    model = GPT(
-        args.vocab, dim=width, depth=2, num_heads=heads, attention=spec, max_seq_len=seq_len, mlp_ratio=args.mlp_ratio
-    )
+    model = build_model(name, width, seq_len, args)
     # the main run's optimiser and schedule (configs/train.yaml): AdamW (0.9, 0.95), weight decay 0.1 on matrices,
     # linear warmup then cosine to 0.1 x lr
     opt = build_optimizer(model, {"lr": lr, "weight_decay": 0.1, "betas": (0.9, 0.95)})
@@ -172,10 +191,16 @@ def main() -> None:
     ]
     if args.report_only:
         jobs = []
-    jobs.sort(key=lambda job: job[1] * job[2], reverse=True)  # widest, longest cells first: the pool ends together
     print(f"{len(jobs)} cells to run ({len(done)} resumed from {log}), {args.workers} workers", flush=True)
+    started = time.perf_counter()
     ctx = torch.multiprocessing.get_context("spawn")  # fresh interpreters: no inherited thread pools
     with ctx.Pool(max(1, min(args.workers, len(jobs)))) as pool:
+        if len(jobs) > args.workers:
+            # longest job first (LPT) by a measured step time: the workers then finish within about one short job of
+            # each other; ordering by cell size alone left mamba's T=128 cell (a quarter of the sweep) to start late
+            costs = pool.map(probe_seconds, jobs)
+            jobs = [job for _, job in sorted(zip(costs, jobs), key=lambda pair: -pair[0])]
+            print(f"probed step times: {sum(costs) / 60 / args.workers:.0f} min per worker without early stops")
         for cell_runs in pool.imap_unordered(run_cell, jobs):
             for r in cell_runs:
                 r["settings"] = settings
@@ -205,8 +230,12 @@ def main() -> None:
     table = "\n".join(lines)
     blocks = "mixer-only blocks" if args.mlp_ratio == 0 else f"MLP ratio {args.mlp_ratio:g}"
     about = f"{args.max_steps} steps max, batch {args.batch}, lrs {args.lrs}, vocab {args.vocab}, 2 layers, {blocks}"
-    (args.out / "mqar.md").write_text(f"MQAR test accuracy (best over learning rates; {about}).\n\n{table}\n")
-    print("\n" + table)
+    wall = (
+        f"Wall time of the invocation that wrote this: {(time.perf_counter() - started) / 60:.1f} min for "
+        f"{len(jobs)} cells on {args.workers} workers x {args.threads} threads ({len(done)} cells resumed)."
+    )
+    (args.out / "mqar.md").write_text(f"MQAR test accuracy (best over learning rates; {about}).\n\n{table}\n\n{wall}\n")
+    print("\n" + table + "\n\n" + wall)
     _plots(best, names, args.widths, cells, args.out)
 
 

@@ -294,3 +294,23 @@ def test_triton_matches_reference(shape, dtype):
     assert_close("last_state", ref[1], got[1].double(), tol)
     for name in NAMES:
         assert_close(f"d{name}", ref[2][name], got[2][name].double(), tol)
+
+
+def test_large_steps_shrink_the_chunk_instead_of_taking_the_pairwise_form():
+    """Trained Mamba steps (delta ~ 0.5, |A| up to 16) fail the factored bound in chunks of 32 and 16 but not of 8:
+    the chunk is halved to 8 (no pairwise rows, same numbers); initialisation-sized steps keep the chunk of 32."""
+    from attnzoo.kernels.selective_scan.chunked import _safe_chunk
+
+    A = -torch.arange(1, 17, dtype=torch.float64).repeat(6, 1)  # (E, N): A_log = ln(1..16)
+    trained = torch.full((2, 6, 64), 0.5, dtype=torch.float64)
+    assert _safe_chunk(trained, A, 32, 60.0) == 8  # spans 32 x 0.5 x 16 / 2 = 128, then 64, then 32
+    assert _safe_chunk(trained * 0.2, A, 32, 60.0) == 32  # 32 x 0.1 x 16 / 2 = 25.6: safe as it is
+    assert _safe_chunk(trained, A, 32, 0.0) == 32  # factor_limit 0 (every row pairwise) is left alone
+    inputs = make_inputs(E=6, N=16, L=64)
+    inputs["A"] = A
+    delta = torch.full_like(inputs["u"], 0.5)
+    args = (inputs["u"], delta, A, inputs["B"][:, None], inputs["C"][:, None], inputs["initial_state"])
+    ref = selective_scan(*args[:5], return_last_state=True, initial_state=args[5], backend="reference")
+    y, last = selective_scan_chunked(*args, 32)
+    assert_close("y", ref[0], y, 1e-10)
+    assert_close("last_state", ref[1], last, 1e-10)

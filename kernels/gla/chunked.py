@@ -34,8 +34,8 @@ decays (memory O(T (K + V + C) + (T / C) K V)). With do, and dH_{n+1} = gradient
 (db: every exp(b_i - b_j) contributes +q dq through b_i and -k dk through b_j; the last row also scales the carried
 state. Terms with no decay, A's diagonal and the last row's own write, cancel exactly and are left out of db, which
 keeps dg accurate when exp(g) is tiny.) For scalar gates db is summed over K. When c = C (the common case) all of this
-runs in the frames q_in = q ⊙ exp(b), k_in = k ⊙ exp(-b), which the forward saves in place of q and k
-(_bounded_grads): one exp per pass, and products take exp(b_last) on their small side.
+runs in the frames q_in = q ⊙ exp(b), k_in = k ⊙ exp(-b), which the forward saves in place of q and k (and exp(b)
+in place of b; _bounded_grads): no exp in the backward, and products take exp(b_last) on their small side.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _diag_blocks(A: Tensor, c: int) -> Tensor:
 
 
 class _Saved(NamedTuple):
-    """What the forward keeps for the backward besides q, k, v: O(T (K + C) + (T / C) K V) memory."""
+    """What the general path's backward gets besides q, k, v: O(T (K + C) + (T / C) K V) memory."""
 
     b: Tensor  # (B, H, N, C, K or 1) log decay since the chunk start
     c: int  # directly factored block size
@@ -169,7 +169,7 @@ class _Saved(NamedTuple):
 class _Parts(NamedTuple):
     """What forward and backward share; the backward recomputes the elementwise decays from the saved b."""
 
-    b: Tensor  # (C, K or 1) log decay since the chunk start
+    b: Tensor | None  # (C, K or 1) log decay since the chunk start (None in the c = C backward, which needs exp(b))
     c: int  # directly factored block size
     q_exp: Tensor  # (C, K or 1) exp(b_i - b_f), f = row before i's c-block (= exp(b) when c = C)
     q_in: Tensor  # (C, K) q ⊙ q_exp
@@ -269,13 +269,11 @@ def _mm_add(add: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.baddbmm(add.flatten(0, -3), a.flatten(0, -3), b.flatten(0, -3)).view(add.shape)
 
 
-def _bounded_parts(q_in: Tensor, k_in: Tensor, b: Tensor, A: Tensor, starts: Tensor) -> _Parts:
-    """The backward's _Parts when c = C from the saved q_in, k_in: one exp and one reciprocal, as in the forward."""
-    q_decay = b.exp()
+def _bounded_parts(q_in: Tensor, k_in: Tensor, q_decay: Tensor, A: Tensor, starts: Tensor) -> _Parts:
+    """The backward's _Parts when c = C from the saved q_in, k_in and exp(b): one reciprocal."""
     carry = q_decay[..., -1:, :].transpose(-1, -2)  # exp(b_last)
-    return _Parts(
-        b, b.shape[-2], q_decay, q_in, q_decay.reciprocal(), k_in, A, q_decay, None, None, carry, starts, None
-    )
+    k_exp = q_decay.reciprocal()
+    return _Parts(None, q_decay.shape[-2], q_decay, q_in, k_exp, k_in, A, q_decay, None, None, carry, starts, None)
 
 
 def _bounded_grads(
@@ -342,15 +340,17 @@ class _ChunkedGLA(torch.autograd.Function):
         o = _mm_add(p.A @ v, q_start, p.starts)  # (B, H, N, C, V)
         # A and the chunk-start states are saved (two matmuls and the state scan fewer); the decays are recomputed.
         # When c = C the backward works in the frames of q_in, k_in only, so those replace q, k (same memory)
-        bounded = p.c == C > 1
-        ctx.save_for_backward(p.q_in if bounded else q, p.k_in if bounded else k, v, p.b, p.A, p.starts)
+        if p.c == C > 1:  # the bounded backward needs exp(b), not b
+            ctx.save_for_backward(p.q_in, p.k_in, v, p.q_decay, p.A, p.starts)
+        else:
+            ctx.save_for_backward(q, k, v, p.b, p.A, p.starts)
         ctx.c, ctx.T, ctx.scale = p.c, T, scale
         ctx.has_initial_state = initial_state is not None
         return _from_chunks(o, T), p.final
 
     @staticmethod
     def backward(ctx, do: Tensor, dfinal: Tensor | None):
-        q, k, v, b, A, starts = ctx.saved_tensors  # q_in, k_in for q, k when c = C
+        q, k, v, b, A, starts = ctx.saved_tensors  # q_in, k_in, exp(b) for q, k, b when c = C
         T, scale = ctx.T, ctx.scale
         C, N = q.shape[-2], q.shape[2]
         do = _to_chunks(do, C)

@@ -52,6 +52,8 @@ CUMSUM_BLOCK = 8  # steps summed by one triangle GEMM (measured: 8 beats 16, 32 
 # (batch x steps x E x N) numbers per segment: a few tensors of this size stay in the L2/L3 cache
 # (measured best among 2^18 .. 2^22 at batch 1 and 64, 1 and 2 threads)
 SEGMENT_ELEMENTS = 2**20
+SAFE_CHUNK_MIN = 8  # smallest chunk _safe_chunk goes down to (one CUMSUM_BLOCK)
+UNSAFE_SHARE = 0.01  # share of pairwise rows above which _safe_chunk halves the chunk
 
 
 def selective_scan_chunked(
@@ -71,7 +73,32 @@ def selective_scan_chunked(
     """
     limit = FACTOR_LIMIT.get(u.dtype, 60.0) if factor_limit is None else factor_limit
     h0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state
-    return _SelectiveScan.apply(u, delta, A, B, C, h0, chunk_size, limit)
+    chunk = _safe_chunk(delta, A, chunk_size, limit)
+    return _SelectiveScan.apply(u, delta, A, B, C, h0, chunk, limit)
+
+
+def _safe_chunk(delta: Tensor, A: Tensor, chunk_size: int, limit: float) -> int:
+    """The chunk to use: ``chunk_size``, halved (down to ``SAFE_CHUNK_MIN``) while more than ``UNSAFE_SHARE`` of the
+    (batch, chunk, channel) rows would fail the factored form's bound and take the pairwise form.
+
+    The factored form costs the same per step at any chunk length (only the short loop over chunks grows), while a
+    pairwise row costs ``PAIRWISE_CHUNK`` times a factored one. Trained Mamba layers grow their steps (delta ~ 1 on
+    some channels, against <= 0.1 at initialisation), and then most rows of a 32-step chunk fail the bound; halving
+    the chunk halves every span. The bound used here, |A|max sum |delta| / 2 over the chunk, is at least the one
+    ``_Layout`` checks, so rows it calls safe are safe. One pass over delta (batch, E, L), no N factor.
+    """
+    if limit <= 0 or chunk_size <= SAFE_CHUNK_MIN:
+        return chunk_size
+    L = delta.shape[-1]
+    weight = A.abs().amax(-1).to(delta.dtype)[:, None] / 2  # (E, 1)
+    steps = delta.detach().abs()
+    chunk = chunk_size
+    while chunk > SAFE_CHUNK_MIN:
+        padded = F.pad(steps, (0, (-L) % chunk)).unflatten(-1, (-1, chunk)).sum(-1)  # (batch, E, L / chunk)
+        if (padded * weight > limit).float().mean().item() <= UNSAFE_SHARE:
+            break
+        chunk //= 2
+    return chunk
 
 
 class _SelectiveScan(torch.autograd.Function):
