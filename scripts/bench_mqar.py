@@ -12,8 +12,9 @@ from ``configs/attention/<name>.yaml``. Measured on this 2-core CPU: softmax at 
 to pass 0.99 on (64, 4) (1,900 at 1e-2; 3e-3 stays below 0.98 after 2,000) and ~1,100 on (128, 8) — MQAR is learned
 late and suddenly, so a step budget below that measures nothing.
 
-The default grid (``python scripts/bench_mqar.py``) is the part of Zoology's grid that fits an hour on 2 cores: every
-causal attention x width 64 x cells (64, 4) and (128, 8), lr 2e-2, up to 1,500 steps (~55 min with 2 workers).
+The default grid (``python scripts/bench_mqar.py``) is the part of Zoology's grid sized for an hour on 2 cores: every
+causal attention x width 64 x cells (64, 4) and (128, 8), lr 2e-2, up to 1,500 steps. Measured: ~62 min with 2
+workers, mamba's (128, 8) cell alone over 30 (docs/benchmarks.md §6).
 ``--full`` is the whole CPU-sized grid: widths 32/64/128 x cells (64, 4), (128, 8), (256, 16) x lrs 3e-3/1e-2/2e-2,
 up to 2,000 steps (about a day on 2 cores). Results are appended to ``runs.json`` after every cell, so an interrupted
 sweep resumes where it stopped (``--fresh`` starts over).
@@ -230,10 +231,12 @@ def main() -> None:
     table = "\n".join(lines)
     blocks = "mixer-only blocks" if args.mlp_ratio == 0 else f"MLP ratio {args.mlp_ratio:g}"
     about = f"{args.max_steps} steps max, batch {args.batch}, lrs {args.lrs}, vocab {args.vocab}, 2 layers, {blocks}"
-    wall = (
-        f"Wall time of the invocation that wrote this: {(time.perf_counter() - started) / 60:.1f} min for "
-        f"{len(jobs)} cells on {args.workers} workers x {args.threads} threads ({len(done)} cells resumed)."
-    )
+    wall = "Written from runs.json without training (--report-only)."
+    if jobs:
+        wall = (
+            f"Wall time of the invocation that wrote this: {(time.perf_counter() - started) / 60:.1f} min for "
+            f"{len(jobs)} cells on {args.workers} workers x {args.threads} threads ({len(done)} cells resumed)."
+        )
     (args.out / "mqar.md").write_text(f"MQAR test accuracy (best over learning rates; {about}).\n\n{table}\n\n{wall}\n")
     print("\n" + table + "\n\n" + wall)
     _plots(best, names, args.widths, cells, args.out)
