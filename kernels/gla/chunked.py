@@ -247,8 +247,6 @@ def _intra_grads(dA: Tensor, q: Tensor, k: Tensor, p: _Parts) -> tuple[Tensor, T
     a cancellation that would swamp dg when the gates are very negative (true dg ~ exp(g) there).
     """
     C, c = q.shape[-2], p.c
-    if c == C:
-        return (dA @ p.k_in).mul_(p.q_exp), (dA.transpose(-1, -2) @ p.q_in).mul_(p.k_exp)
     dblocks = _diag_blocks(dA, c)  # (..., C / c, c, c)
     dq = (dblocks @ p.k_in.unflatten(-2, (-1, c))).flatten(-3, -2).mul_(p.q_exp)
     dk = (dblocks.transpose(-1, -2) @ p.q_in.unflatten(-2, (-1, c))).flatten(-3, -2).mul_(p.k_exp)
@@ -354,7 +352,8 @@ class _ChunkedGLA(torch.autograd.Function):
         T, scale = ctx.T, ctx.scale
         C, N = q.shape[-2], q.shape[2]
         do = _to_chunks(do, C)
-        if ctx.c == C > 1:
+        bounded = ctx.c == C > 1
+        if bounded:
             p = _bounded_parts(q, k, b, A, starts)
         else:
             p = _forward_parts(q, k, v, b, None, _Saved(b, ctx.c, A, starts))
@@ -370,7 +369,7 @@ class _ChunkedGLA(torch.autograd.Function):
         carried = None  # (B, H, N, K): exp(b_last) rowsum(S_n ⊙ dH), the last row's term of db through the carry
         if ctx.needs_input_grad[3]:
             carried = (p.starts * after).sum(-1) * p.carry[..., 0]
-        if p.c == C > 1:
+        if bounded:
             dq, dk, dv, db = _bounded_grads(do, v, p, after, carried)
         else:
             dq, dk, dv, db = _blocked_grads(do, q, k, v, p, after, carried)
