@@ -101,8 +101,8 @@ def test_chunked_matches_reference_float32():
 
 
 @pytest.mark.parametrize("delta_scale", [1.0, 30.0], ids=["typical", "huge-steps"])
-def test_pairwise_path_matches_reference(delta_scale):
-    """factor_limit=0 sends every channel through the stable pairwise form; huge steps reach it by themselves."""
+def test_doubling_scan_path_matches_reference(delta_scale):
+    """factor_limit=0 sends every row through the stable doubling scan; huge steps reach it by themselves."""
     inputs = make_inputs(L=45, delta_scale=delta_scale)
     delta = F.softplus(inputs["delta"] + inputs["delta_bias"][:, None])
     args = (inputs["u"], delta, inputs["A"], inputs["B"][:, None], inputs["C"][:, None], inputs["initial_state"])
@@ -114,7 +114,7 @@ def test_pairwise_path_matches_reference(delta_scale):
 
 
 def test_mixed_safe_and_unsafe_channels_gradients():
-    """Half the channels take huge steps (pairwise path), half small (factored): values and gradients match."""
+    """Half the channels take huge steps (doubling scan), half small (factored): values and gradients match."""
     inputs = make_inputs(L=50, E=8)
     inputs["delta"][:, ::2] += 8.0
     ref = run(inputs, "reference")
@@ -132,7 +132,7 @@ def test_segments_match_reference_with_gradients(monkeypatch, segment_steps):
 
     chunked = sys.modules["attnzoo.kernels.selective_scan.chunked"]
     inputs = make_inputs(L=61, E=6, N=4)
-    inputs["delta"][:, ::3] += 8.0  # some (chunk, channel) rows take the pairwise path
+    inputs["delta"][:, ::3] += 8.0  # some (chunk, channel) rows take the doubling scan
     monkeypatch.setattr(chunked, "SEGMENT_ELEMENTS", 2 * 6 * 4 * segment_steps)  # batch x E x N x steps
     ref = run(inputs, "reference")
     got = run(inputs, "torch", chunk_size=8)
@@ -296,16 +296,16 @@ def test_triton_matches_reference(shape, dtype):
         assert_close(f"d{name}", ref[2][name], got[2][name].double(), tol)
 
 
-def test_large_steps_shrink_the_chunk_instead_of_taking_the_pairwise_form():
+def test_large_steps_shrink_the_chunk_instead_of_gathering_rows():
     """Trained Mamba steps (delta ~ 0.5, |A| up to 16) fail the factored bound in chunks of 32 and 16 but not of 8:
-    the chunk is halved to 8 (no pairwise rows, same numbers); initialisation-sized steps keep the chunk of 32."""
+    the chunk is halved to 8 (no gathered rows, same numbers); initialisation-sized steps keep the chunk of 32."""
     from attnzoo.kernels.selective_scan.chunked import _safe_chunk
 
     A = -torch.arange(1, 17, dtype=torch.float64).repeat(6, 1)  # (E, N): A_log = ln(1..16)
     trained = torch.full((2, 6, 64), 0.5, dtype=torch.float64)
     assert _safe_chunk(trained, A, 32, 60.0) == 8  # spans 32 x 0.5 x 16 / 2 = 128, then 64, then 32
     assert _safe_chunk(trained * 0.2, A, 32, 60.0) == 32  # 32 x 0.1 x 16 / 2 = 25.6: safe as it is
-    assert _safe_chunk(trained, A, 32, 0.0) == 32  # factor_limit 0 (every row pairwise) is left alone
+    assert _safe_chunk(trained, A, 32, 0.0) == 32  # factor_limit 0 (every row gathered) is left alone
     inputs = make_inputs(E=6, N=16, L=64)
     inputs["A"] = A
     delta = torch.full_like(inputs["u"], 0.5)
@@ -314,3 +314,61 @@ def test_large_steps_shrink_the_chunk_instead_of_taking_the_pairwise_form():
     y, last = selective_scan_chunked(*args, 32)
     assert_close("y", ref[0], y, 1e-10)
     assert_close("last_state", ref[1], last, 1e-10)
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 8, 13, 32])
+def test_doubling_scan_matches_the_sequential_recurrence(length):
+    """The rows' fallback: h_t = exp(A (D_t - D_{t-1})) h_{t-1} + x_t from h = 0, for any chunk length, and finite in
+    float32 with steps whose decays underflow (exp(-16 x 40))."""
+    from attnzoo.kernels.selective_scan.chunked import _doubling_scan
+
+    gen = torch.Generator().manual_seed(length)
+    rows, N = 7, 5
+    steps = torch.rand(rows, length, generator=gen, dtype=torch.float64) * 3
+    steps[::2] *= 40  # huge steps on some rows
+    D = steps.cumsum(1)
+    x = torch.randn(rows, length, N, generator=gen, dtype=torch.float64)
+    A = -torch.rand(rows, N, generator=gen, dtype=torch.float64) * 16
+    D, x, A = (v.float().double() for v in (D, x, A))  # float32-exact inputs: only the scan's rounding differs
+
+    def recurrence(D: torch.Tensor) -> torch.Tensor:
+        h, states = torch.zeros(rows, N, dtype=torch.float64), []
+        for t in range(length):
+            decay = torch.exp(A * (D[:, t] - D[:, t - 1])[:, None]) if t else torch.ones_like(A)
+            h = decay * h + x[:, t]
+            states.append(h)
+        return torch.stack(states, 1)
+
+    assert_close("h", recurrence(D), _doubling_scan(D, x, A), 1e-12)
+    got32 = _doubling_scan(D.float(), x.float(), A.float())
+    assert torch.isfinite(got32).all()
+    assert_close("h float32", recurrence(D), got32.double(), 1e-5)
+
+
+def test_chunk_shrinks_until_one_chunk_fits_a_segment():
+    """Large batch x E x N: the chunk is halved (not below CUMSUM_BLOCK) until a chunk of states fits
+    SEGMENT_ELEMENTS; small ones keep the requested chunk."""
+    from attnzoo.kernels.selective_scan.chunked import CUMSUM_BLOCK, SEGMENT_ELEMENTS, _cache_chunk
+
+    assert _cache_chunk(32, 2048) == 32  # batch 1, E = 128, N = 16
+    assert _cache_chunk(32, SEGMENT_ELEMENTS // 8) == 8  # batch 64, E = 128, N = 16
+    assert _cache_chunk(32, SEGMENT_ELEMENTS // 16) == 16
+    assert _cache_chunk(32, SEGMENT_ELEMENTS * 4) == CUMSUM_BLOCK
+    assert _cache_chunk(4, SEGMENT_ELEMENTS * 4) == 4  # never raised
+
+
+def test_huge_steps_in_float32_stay_finite_with_gradients():
+    """Steps whose decays underflow float32 (exp(A delta) < 1e-38) take the doubling scan and the floored exp: outputs
+    and every gradient are finite and match the float64 reference."""
+    inputs = make_inputs(L=40, E=6, N=8)
+    inputs["delta"][:, ::2] += 30.0
+    ref = run(inputs, "reference")
+    got = run({k: v.float() for k, v in inputs.items()}, "torch", chunk_size=16)
+    assert torch.isfinite(got[0]).all()
+    assert_close("out", ref[0], got[0].double(), 1e-4)
+    for name in NAMES:
+        assert torch.isfinite(got[2][name]).all(), name
+        # dA and d delta take m_t = g_t (h_t - x_t) = g_t a_t h_{t-1}: when a huge step leaves h_t ~ x_t, the difference
+        # cancels to float32's eps of x_t (measured 1.8e-4 of dA's scale; the sequential float32 reference: 2e-7)
+        tol = 1e-3 if name in ("A", "delta", "delta_bias") else 1e-4
+        assert_close(f"d{name}", ref[2][name], got[2][name].double(), tol)

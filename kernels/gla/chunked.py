@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnzoo.kernels.numerics import exp_
+
 
 def _to_chunks(x: Tensor, C: int, scale: float = 1.0) -> Tensor:
     """scale * x, (B, T, H, D) -> contiguous (B, H, N, C, D), zero-padding T to a multiple of C at the FRONT.
@@ -94,23 +96,11 @@ def _offdiag_blocks(A: Tensor, s: int) -> Tensor:
     return diag[..., 1, :, 0, :, :].movedim(-1, -3)
 
 
-def _exp(x: Tensor) -> Tensor:
-    """exp(x) in place, with exponents below the dtype's floor (masked -inf entries included) mapped to exactly 0.
-
-    exp(-80) = 2e-35 in float32 (exp(-700) = 1e-304 in float64) is ~28 orders of magnitude below the precision of any
-    sum it enters, but smaller values would be denormals, which make exp and matmul ~100x slower on x86 CPUs; exp of
-    -inf or of very negative arguments is itself 5-20x slower than the normal range, so those are clamped, then zeroed.
-    """
-    floor = -700.0 if x.dtype == torch.float64 else -80.0
-    dead = x < floor
-    return x.clamp_min_(floor).exp_().masked_fill_(dead, 0)
-
-
 def _level_factors(b: Tensor, s: int) -> tuple[Tensor, Tensor]:
     """exp(b_i - b_r) for lower-half rows and exp(b_r - b_j) for upper-half rows, r = first lower row; both <= 1."""
     upper, lower = _level_views(b, s)
     ref = lower[..., :1, :]  # (..., nb, 1, K)
-    return _exp(lower - ref), _exp(ref - upper)
+    return exp_(lower - ref), exp_(ref - upper)
 
 
 # Largest sum of |g| over a block that is factored directly: exp(b_i - b_f) and exp(b_f - b_j) then lie in
@@ -147,7 +137,7 @@ def _direct_factors(b: Tensor, c: int) -> tuple[Tensor, Tensor]:
     *lead, C, K = b.shape
     blocks = b.view(*lead, C // c, c, K)
     before = F.pad(blocks[..., :-1, -1:, :], (0, 0, 0, 0, 1, 0))  # (..., C / c, 1, K)
-    return _exp(blocks - before).view_as(b), _exp(before - blocks).view_as(b)
+    return exp_(blocks - before).view_as(b), exp_(before - blocks).view_as(b)
 
 
 def _diag_blocks(A: Tensor, c: int) -> Tensor:
@@ -205,8 +195,8 @@ def _forward_parts(
         if A is None:
             A = (q_in @ k_in.transpose(-1, -2)).tril_()  # (B, H, N, C, C)
     else:
-        q_decay = _exp(b.clone())
-        k_decay = _exp(b_last - b)
+        q_decay = exp_(b.clone())
+        k_decay = exp_(b_last - b)
         if c == 1:  # 1 x 1 diagonal blocks have decay exactly 1; factoring exp(g_i) exp(-g_i) overflows for g < -88
             q_exp = k_exp = torch.ones_like(b)
         else:

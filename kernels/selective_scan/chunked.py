@@ -15,10 +15,12 @@ with W_t = exp(-A (D_t - p)) and S the cumulative sum of W x over the chunk. d_v
 It is exact, and every exponent is bounded by |A|max · span(D) / 2; it is used where that bound is <=
 ``FACTOR_LIMIT`` (60 in float32: exp(±60) and their products stay normal numbers, exp's relative error is ~60 eps).
 With mamba's initialisation (delta <= 0.1, |A| <= 16) chunks of 64 qualify. (batch, chunk, channel) rows that fail the
-bound (large steps) use the always-stable pairwise form instead: exponents A (D_t - D_s) are formed for s <= t only,
-the rest masked to -inf before exp (spec "Parallel forms"), in sub-chunks of ``PAIRWISE_CHUNK`` steps. Both give the
-same numbers (tested). The states at chunk starts follow from a short loop over chunks on (batch, E, N) tensors,
-h_{k+1} = exp(A D_end,k) h_k + local_end,k. Python loops run over segments and chunks, never over time steps.
+bound (large steps) are gathered and scanned by recursive doubling instead (``_doubling_scan``), which forms only the
+per-step decays exp(A delta_t) and their products, all <= 1, so it is stable at any step size. Both give the same
+numbers (tested). The pairwise form (spec "Parallel forms") is stable too but costs C^2 N exponentials per row, and
+exp of arguments below float32's range is 10-25x slower than in it (``kernels/numerics.py``): with trained Mamba steps
+it made a training step 3x slower. The states at chunk starts follow from a short loop over chunks on (batch, E, N)
+tensors, h_{k+1} = exp(A D_end,k) h_k + local_end,k. Python loops run over segments and chunks, never over time steps.
 
 Backward. With g_t = dL/dh_t (all paths), the adjoint is the same recurrence run backwards in time,
 
@@ -45,15 +47,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnzoo.kernels.numerics import exp_
+
 # largest |exponent| the factored form may meet, per accumulation dtype (see the module docstring)
 FACTOR_LIMIT = {torch.float32: 60.0, torch.float64: 300.0}
-PAIRWISE_CHUNK = 16
 CUMSUM_BLOCK = 8  # steps summed by one triangle GEMM (measured: 8 beats 16, 32 and 64 at 1M numbers)
 # (batch x steps x E x N) numbers per segment: a few tensors of this size stay in the L2/L3 cache
 # (measured best among 2^18 .. 2^22 at batch 1 and 64, 1 and 2 threads)
 SEGMENT_ELEMENTS = 2**20
-SAFE_CHUNK_MIN = 8  # smallest chunk _safe_chunk goes down to (one CUMSUM_BLOCK)
-UNSAFE_SHARE = 0.01  # share of pairwise rows above which _safe_chunk halves the chunk
+SAFE_CHUNK_MIN = 4  # smallest chunk _safe_chunk goes down to (measured: 4 beats 8 and 2 with trained steps)
+UNSAFE_SHARE = 0.01  # share of rows failing the factored bound above which _safe_chunk halves the chunk
 
 
 def selective_scan_chunked(
@@ -69,22 +72,37 @@ def selective_scan_chunked(
     """u, delta (batch, E, L); A (E, N); B, C (batch, G, N, L) with G | E; initial_state (batch, E, N) or None.
 
     Returns y (batch, E, L) and the last state (batch, E, N). ``factor_limit`` overrides ``FACTOR_LIMIT`` (tests use
-    0 to force the pairwise path everywhere).
+    0 to send every row through the doubling scan).
     """
     limit = FACTOR_LIMIT.get(u.dtype, 60.0) if factor_limit is None else factor_limit
     h0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state
-    chunk = _safe_chunk(delta, A, chunk_size, limit)
+    chunk = _safe_chunk(delta, A, _cache_chunk(chunk_size, u.shape[0] * u.shape[1] * A.shape[1]), limit)
     return _SelectiveScan.apply(u, delta, A, B, C, h0, chunk, limit)
+
+
+def _cache_chunk(chunk_size: int, per_step: int) -> int:
+    """``chunk_size``, halved (down to ``CUMSUM_BLOCK``) until one chunk of (batch, E, N) states fits a segment.
+
+    A segment holds whole chunks; when one chunk alone outgrows ``SEGMENT_ELEMENTS`` (large batch x E x N), every pass
+    streams from memory instead of the cache. Measured at batch 64, E = 128, N = 16, L = 128 (1 thread, fwd+bwd):
+    0.35 s at chunk 32, 0.24 s at chunk 8, the most that fits.
+    """
+    chunk = chunk_size
+    while chunk > CUMSUM_BLOCK and chunk * per_step > SEGMENT_ELEMENTS:
+        chunk //= 2
+    return chunk
 
 
 def _safe_chunk(delta: Tensor, A: Tensor, chunk_size: int, limit: float) -> int:
     """The chunk to use: ``chunk_size``, halved (down to ``SAFE_CHUNK_MIN``) while more than ``UNSAFE_SHARE`` of the
-    (batch, chunk, channel) rows would fail the factored form's bound and take the pairwise form.
+    (batch, chunk, channel) rows would fail the factored form's bound and be gathered for the doubling scan.
 
-    The factored form costs the same per step at any chunk length (only the short loop over chunks grows), while a
-    pairwise row costs ``PAIRWISE_CHUNK`` times a factored one. Trained Mamba layers grow their steps (delta ~ 1 on
-    some channels, against <= 0.1 at initialisation), and then most rows of a 32-step chunk fail the bound; halving
-    the chunk halves every span. The bound used here, |A|max sum |delta| / 2 over the chunk, is at least the one
+    The factored form costs about the same per step at any chunk length (only the short loop over chunks grows), while
+    a gathered row costs several times a factored one. Trained Mamba layers grow their steps (delta ~ 1 on some
+    channels, against <= 0.1 at initialisation), and then most rows of a 32-step chunk fail the bound; halving the
+    chunk halves every span. Measured (batch 64, E = 128, N = 16, L = 128, delta = softplus(1.5 z + 0.3), mean 1.1,
+    1 thread, fwd+bwd): 0.57 s at chunk 8 (a quarter of the rows gathered), 0.30 s at chunk 4, 0.32 s at chunk 2.
+    The bound used here, |A|max sum |delta| / 2 over the chunk, is at least the one
     ``_Layout`` checks, so rows it calls safe are safe. One pass over delta (batch, E, L), no N factor.
     """
     if limit <= 0 or chunk_size <= SAFE_CHUNK_MIN:
@@ -205,7 +223,7 @@ class _Layout:
         unsafe = self.A_max * (hi - lo) / 2 > self.limit
         rel = D - pivot[:, :, None]
         idx = None
-        if bool(unsafe.any()):  # neutral values there (exp(0) = 1) so nothing overflows; replaced by the pairwise form
+        if bool(unsafe.any()):  # neutral values there (exp(0) = 1) so nothing overflows; replaced by the doubling scan
             rel = rel.masked_fill(unsafe[:, :, None], 0)
             pivot = pivot.masked_fill(unsafe, 0)
             idx = unsafe.nonzero(as_tuple=True)  # (batch, chunk, group, channel) rows
@@ -222,9 +240,11 @@ class _Layout:
         Bt = Bt[..., None, :]  # (batch, nC, C, G, 1, N)
         S = self._cumsum(torch.mul(du[..., None], Bt, out=self.buffer("X", W)).mul_(W), "S", reverse=False)
         local_end = S[:, :, -1] / W[:, :, -1]  # chunk-end states if each chunk started from 0
-        decay = torch.exp(D[:, :, -1, ..., None] * self.Ag)  # (batch, nC, G, Eg, N): each chunk's whole decay
+        decay = exp_(
+            D[:, :, -1, ..., None] * self.Ag, exact_zero=False
+        )  # (batch, nC, G, Eg, N): each chunk's whole decay
         if idx is not None:
-            rows = _pairwise(D, du, Bt[..., 0, :], self.Ag, idx, reverse=False)
+            rows = _rows_scan(D, du, Bt[..., 0, :], self.Ag, idx, reverse=False)
             local_end = local_end.index_put(idx, rows[:, -1])
         starts = []
         for k in range(D.shape[1]):  # state at every chunk start: a short loop on (batch, G, Eg, N) tensors
@@ -233,7 +253,7 @@ class _Layout:
         h_start = torch.stack(starts, dim=1)  # (batch, nC, G, Eg, N)
         H = S.add_((torch.exp(f["pivot"][..., None] * self.Ag) * h_start)[:, :, None]).div_(W)
         if idx is not None:  # rows' states: local + exp(A D_t) h_start
-            inflow = torch.exp(D.permute(0, 1, 3, 4, 2)[idx][..., None] * self.Ag[idx[2], idx[3]][:, None])
+            inflow = exp_(D.permute(0, 1, 3, 4, 2)[idx][..., None] * self.Ag[idx[2], idx[3]][:, None], exact_zero=False)
             _put_rows(H, idx, rows + inflow * h_start[idx][:, None])
         return H, h
 
@@ -279,10 +299,12 @@ class _Layout:
         Gr = self._cumsum(R, "G", reverse=True)
         first = Gr[:, :, 0] * torch.exp(f["pivot"][..., None] * self.Ag)  # a_first g_first if c = 0
         if idx is not None:
-            rows = _pairwise(D, dyc, Ct, self.Ag, idx, reverse=True)
+            rows = _rows_scan(D, dyc, Ct, self.Ag, idx, reverse=True)
             D_first = D[:, :, 0][idx]  # (rows,)
-            first = first.index_put(idx, rows[:, 0] * torch.exp(D_first[:, None] * self.Ag[idx[2], idx[3]]))
-        decay = torch.exp(D[:, :, -1, ..., None] * self.Ag)
+            first = first.index_put(
+                idx, rows[:, 0] * exp_(D_first[:, None] * self.Ag[idx[2], idx[3]], exact_zero=False)
+            )
+        decay = exp_(D[:, :, -1, ..., None] * self.Ag, exact_zero=False)
         carries = [None] * nC
         for k in reversed(range(nC)):  # gradient entering every chunk from its end: a short reverse loop
             carries[k] = carry
@@ -292,7 +314,7 @@ class _Layout:
         Gadj = Gr.add_((to_end * c)[:, :, None]).mul_(W)
         if idx is not None:
             D_rows = D.permute(0, 1, 3, 4, 2)[idx]  # (rows, C)
-            from_end = torch.exp((D_rows[:, -1:] - D_rows)[..., None] * self.Ag[idx[2], idx[3]][:, None])
+            from_end = exp_((D_rows[:, -1:] - D_rows)[..., None] * self.Ag[idx[2], idx[3]][:, None], exact_zero=False)
             _put_rows(Gadj, idx, rows + from_end * c[idx][:, None])
 
         tmp = self.buffer("X", H)
@@ -314,8 +336,8 @@ def _put_rows(X: Tensor, idx: tuple[Tensor, ...], rows: Tensor) -> None:
     X.permute(0, 1, 3, 4, 2, 5).index_put_((bi, ki, gi, ei), rows)
 
 
-def _pairwise(D: Tensor, scale: Tensor, vec: Tensor, Ag: Tensor, idx: tuple[Tensor, ...], reverse: bool) -> Tensor:
-    """The stable pairwise form for selected (batch, chunk, group, channel) rows, each chunk starting from 0.
+def _rows_scan(D: Tensor, scale: Tensor, vec: Tensor, Ag: Tensor, idx: tuple[Tensor, ...], reverse: bool) -> Tensor:
+    """The stable form for selected (batch, chunk, group, channel) rows, each chunk starting from 0.
 
     D, scale (batch, nC, C, G, Eg): chunk-local cumulative steps and the writes' per-channel scale; vec
     (batch, nC, C, G, N): the writes' per-state factor (write x_s = scale_s vec_s, gathered per row, never formed for
@@ -326,23 +348,26 @@ def _pairwise(D: Tensor, scale: Tensor, vec: Tensor, Ag: Tensor, idx: tuple[Tens
     xr = scale.permute(0, 1, 3, 4, 2)[idx][..., None] * vec.permute(0, 1, 3, 2, 4)[bi, ki, gi]  # (rows, C, N)
     A = Ag[gi, ei]  # (rows, N)
     if reverse:  # run the forward form on the time-reversed chunk: D'_t = -D_{C-1-t} keeps D'_t - D'_s = D_s - D_t
-        return _pairwise_forward(-Dr.flip(1), xr.flip(1), A).flip(1)
-    return _pairwise_forward(Dr, xr, A)
+        return _doubling_scan(-Dr.flip(1), xr.flip(1), A).flip(1)
+    return _doubling_scan(Dr, xr, A)
 
 
-def _pairwise_forward(D: Tensor, x: Tensor, A: Tensor) -> Tensor:
-    """sum_{s<=t} exp(A (D_t - D_s)) x_s for rows D (rows, C), x (rows, C, N), A (rows, N), in sub-chunks."""
-    out, h = [], torch.zeros_like(A)
-    previous = D[:, :1]  # h = 0 before the first sub-chunk: any finite exponent will do (D may be negative)
-    for c0 in range(0, D.shape[1], PAIRWISE_CHUNK):
-        t = slice(c0, min(c0 + PAIRWISE_CHUNK, D.shape[1]))
-        Dt = D[:, t]  # (rows, n)
-        n = Dt.shape[1]
-        future = ~torch.ones(n, n, dtype=torch.bool, device=D.device).tril()  # s > t
-        expo = (Dt[:, :, None] - Dt[:, None, :])[..., None] * A[:, None, None]  # (rows, t, s, N)
-        # mask before exp: A (D_t - D_s) for s > t may be huge, and inf * 0 would poison the result
-        decay = torch.exp(expo.masked_fill(future[..., None], float("-inf")))
-        Hs = (decay * x[:, None, t]).sum(2) + torch.exp((Dt - previous)[..., None] * A[:, None]) * h[:, None]
-        out.append(Hs)
-        h, previous = Hs[:, -1], Dt[:, -1:]
-    return torch.cat(out, dim=1)
+def _doubling_scan(D: Tensor, x: Tensor, A: Tensor) -> Tensor:
+    """h_t = a_t h_{t-1} + x_t from h = 0, with a_t = exp(A (D_t - D_{t-1})), for rows D (rows, C), x (rows, C, N),
+    A (rows, N): a prefix scan by recursive doubling (Hillis and Steele, 1986) over the pairs (a, x), composed as
+    (a2, x2) after (a1, x1) = (a2 a1, a2 x1 + x2).
+
+    Only the per-step decays and their products are formed, all in (0, 1] for A <= 0 and steps >= 0, so nothing
+    overflows at any step size: the rows whose span is too large for the factored form come here. log2(C) rounds of
+    three passes over (rows, C, N), against C^2 N exponentials for the pairwise form (spec "Parallel forms").
+    """
+    steps = torch.diff(D, dim=1, prepend=D[:, :1])  # the first step's decay multiplies h = 0: any value will do
+    decay = exp_(steps[..., None] * A[:, None], exact_zero=False)  # (rows, C, N)
+    h = x.clone()
+    span = 1
+    while span < D.shape[1]:  # after this round, h_t sums the writes of steps t - 2 span < s <= t
+        h[:, span:] += decay[:, span:] * h[:, :-span]  # the product is formed before h is updated: no aliasing
+        if 2 * span < D.shape[1]:
+            decay[:, span:] = decay[:, span:] * decay[:, :-span]
+        span *= 2
+    return h
