@@ -1,6 +1,6 @@
 """selective_scan speed: the chunked torch backend against the sequential reference, as ratios of medians.
 
-Inputs follow mamba at init (B=1, D=256 channels, N=16, delta = softplus of a log-uniform-ish step, A = -(1..N)).
+Inputs follow mamba at init (default B=1, D=256, N=16, delta = softplus of a log-uniform-ish step, A = -(1..N)).
 Reference and chunked runs alternate, so machine load hits both alike; the ``ratio`` column is reference / chunked.
 Issue 4's targets: forward >= 8x at L=4096, forward+backward >= 50x at L=1024 (2 threads, float32). The outputs are
 also compared (max abs difference, which must stay within 1e-4 of outputs of magnitude ~1).
@@ -9,6 +9,11 @@ also compared (max abs difference, which must stay within 1e-4 of outputs of mag
 
 ``--trained-steps`` draws delta uniform in [0, 1] instead (mean 0.5: the size trained Mamba layers reach on many
 channels, 5-50x the initial steps), where chunks of 32 fail the factored form's bound and the kernel shortens them.
+``--large-steps`` draws delta = softplus(1.5 z + 0.3) (mean 1.1, a tail past 5): the steps of a mamba MQAR run in its
+first few hundred steps at lr 2e-2, where a quarter of the rows fail the bound even in chunks of 8 and take the
+doubling scan. ``--batch 64 --channels 128 --lengths 128`` is that run's shape (mamba at d_model 64, T = 128).
+
+    python scripts/bench_selective_scan.py --batch 64 --channels 128 --lengths 128 --large-steps --threads 1
 """
 
 from __future__ import annotations
@@ -25,17 +30,21 @@ from attnzoo.allocator import tune_malloc
 from attnzoo.kernels import selective_scan
 
 
-def make(L: int, E: int, N: int, seed: int = 0, trained_steps: bool = False) -> dict[str, torch.Tensor]:
+def make(L: int, E: int, N: int, batch: int = 1, seed: int = 0, steps: str = "init") -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     dt = torch.exp(torch.rand(E, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))  # mamba's init
-    raw = torch.randn(1, E, L, generator=gen) * 0.5 + (dt + torch.log(-torch.expm1(-dt)))[:, None]
-    delta = torch.rand(1, E, L, generator=gen) if trained_steps else F.softplus(raw)
+    raw = torch.randn(batch, E, L, generator=gen) * 0.5 + (dt + torch.log(-torch.expm1(-dt)))[:, None]
+    delta = {
+        "init": lambda: F.softplus(raw),
+        "trained": lambda: torch.rand(batch, E, L, generator=gen),
+        "large": lambda: F.softplus(torch.randn(batch, E, L, generator=gen) * 1.5 + 0.3),
+    }[steps]()
     return dict(
-        u=torch.randn(1, E, L, generator=gen),
+        u=torch.randn(batch, E, L, generator=gen),
         delta=delta,
         A=-torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1),
-        B=torch.randn(1, N, L, generator=gen),
-        C=torch.randn(1, N, L, generator=gen),
+        B=torch.randn(batch, N, L, generator=gen),
+        C=torch.randn(batch, N, L, generator=gen),
         D=torch.ones(E),
     )
 
@@ -56,7 +65,9 @@ def main() -> None:
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--chunk-size", type=int, default=32, help="the torch backend's chunk (library default 32)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--trained-steps", action="store_true", help="delta uniform in [0, 1] (see above)")
+    parser.add_argument("--large-steps", action="store_true", help="delta = softplus(1.5 z + 0.3) (see above)")
     parser.add_argument(
         "--repeats",
         type=int,
@@ -66,12 +77,15 @@ def main() -> None:
     args = parser.parse_args()
     tune_malloc()  # as train.py does: freed CPU memory is reused, not page-faulted again (attnzoo/allocator.py)
     torch.set_num_threads(args.threads)
-    steps = "trained-size steps" if args.trained_steps else "init-size steps"
-    print(f"threads={args.threads} E={args.channels} N={args.d_state} chunk={args.chunk_size} {steps}")
+    steps = "large" if args.large_steps else "trained" if args.trained_steps else "init"
+    print(
+        f"threads={args.threads} batch={args.batch} E={args.channels} N={args.d_state} chunk={args.chunk_size} "
+        f"{steps}-size steps"
+    )
     print("| L | pass | reference ms | chunked ms | ratio | max abs diff |")
     print("|---|---|---|---|---|---|")
     for L in args.lengths:
-        x = make(L, args.channels, args.d_state, trained_steps=args.trained_steps)
+        x = make(L, args.channels, args.d_state, batch=args.batch, steps=steps)
         for backward in (False, True):
             if backward and L > 1024:
                 continue  # the sequential backward takes minutes there

@@ -102,8 +102,8 @@ def _safe_chunk(delta: Tensor, A: Tensor, chunk_size: int, limit: float) -> int:
     channels, against <= 0.1 at initialisation), and then most rows of a 32-step chunk fail the bound; halving the
     chunk halves every span. Measured (batch 64, E = 128, N = 16, L = 128, delta = softplus(1.5 z + 0.3), mean 1.1,
     1 thread, fwd+bwd): 0.57 s at chunk 8 (a quarter of the rows gathered), 0.30 s at chunk 4, 0.32 s at chunk 2.
-    The bound used here, |A|max sum |delta| / 2 over the chunk, is at least the one
-    ``_Layout`` checks, so rows it calls safe are safe. One pass over delta (batch, E, L), no N factor.
+    The bound used here, |A|max sum |delta| / 2 over the chunk, is at least the one ``_Layout`` checks, so rows it
+    calls safe are safe. One pass over delta (batch, E, L), no N factor.
     """
     if limit <= 0 or chunk_size <= SAFE_CHUNK_MIN:
         return chunk_size
@@ -240,9 +240,8 @@ class _Layout:
         Bt = Bt[..., None, :]  # (batch, nC, C, G, 1, N)
         S = self._cumsum(torch.mul(du[..., None], Bt, out=self.buffer("X", W)).mul_(W), "S", reverse=False)
         local_end = S[:, :, -1] / W[:, :, -1]  # chunk-end states if each chunk started from 0
-        decay = exp_(
-            D[:, :, -1, ..., None] * self.Ag, exact_zero=False
-        )  # (batch, nC, G, Eg, N): each chunk's whole decay
+        # (batch, nC, G, Eg, N): each chunk's whole decay
+        decay = exp_(D[:, :, -1, ..., None] * self.Ag, exact_zero=False)
         if idx is not None:
             rows = _rows_scan(D, du, Bt[..., 0, :], self.Ag, idx, reverse=False)
             local_end = local_end.index_put(idx, rows[:, -1])
