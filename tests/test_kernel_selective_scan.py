@@ -73,6 +73,20 @@ def assert_all_close(ref, got, tol):
         assert_close(f"d{name}", ref[2][name], got[2][name], tol)
 
 
+@pytest.fixture(params=["stepwise", "doubling"])
+def unsafe_form(request, monkeypatch):
+    """How (chunk, channel) rows that fail the factored bound are computed: segments with any such row take the
+    stepwise form (STEPWISE_SHARE 0), or the rows are gathered for the doubling scan (STEPWISE_SHARE 1). float64
+    runs get float32's factor limit, so that they fail the rows a float32 run would (and compare at 1e-10)."""
+    import sys
+
+    chunked = sys.modules["attnzoo.kernels.selective_scan.chunked"]
+    monkeypatch.setattr(chunked, "STEPWISE_SHARE", 0.0 if request.param == "stepwise" else 1.0)
+    limit32 = chunked.FACTOR_LIMIT[torch.float32]
+    monkeypatch.setattr(chunked, "FACTOR_LIMIT", {torch.float64: limit32, torch.float32: limit32})
+    return request.param
+
+
 CASES = [
     pytest.param(dict(L=63), id="B2-E12-N8-L63"),
     pytest.param(dict(L=130, E=16, N=16), id="B2-E16-N16-L130"),
@@ -101,8 +115,9 @@ def test_chunked_matches_reference_float32():
 
 
 @pytest.mark.parametrize("delta_scale", [1.0, 30.0], ids=["typical", "huge-steps"])
-def test_doubling_scan_path_matches_reference(delta_scale):
-    """factor_limit=0 sends every row through the stable doubling scan; huge steps reach it by themselves."""
+def test_unsafe_rows_match_reference(delta_scale, unsafe_form):
+    """factor_limit=0 fails every row (stepwise form, or the doubling scan for each row); huge steps fail rows by
+    themselves."""
     inputs = make_inputs(L=45, delta_scale=delta_scale)
     delta = F.softplus(inputs["delta"] + inputs["delta_bias"][:, None])
     args = (inputs["u"], delta, inputs["A"], inputs["B"][:, None], inputs["C"][:, None], inputs["initial_state"])
@@ -113,8 +128,20 @@ def test_doubling_scan_path_matches_reference(delta_scale):
         assert_close("last_state", ref[1], last, 1e-10)
 
 
-def test_mixed_safe_and_unsafe_channels_gradients():
-    """Half the channels take huge steps (doubling scan), half small (factored): values and gradients match."""
+def test_every_row_unsafe_gradients_match_reference(monkeypatch, unsafe_form):
+    """A factor limit of 0 fails every row: the stepwise form (or the doubling scan) everywhere, gradients included."""
+    import sys
+
+    chunked = sys.modules["attnzoo.kernels.selective_scan.chunked"]
+    monkeypatch.setattr(chunked, "FACTOR_LIMIT", {torch.float64: 0.0, torch.float32: 0.0})
+    inputs = make_inputs(L=45, E=6)
+    ref = run(inputs, "reference")
+    got = run(inputs, "torch", chunk_size=8)
+    assert_all_close(ref, got, 1e-10)
+
+
+def test_mixed_safe_and_unsafe_channels_gradients(unsafe_form):
+    """Half the channels take huge steps (stepwise form or doubling scan), half small: values and gradients match."""
     inputs = make_inputs(L=50, E=8)
     inputs["delta"][:, ::2] += 8.0
     ref = run(inputs, "reference")
@@ -125,14 +152,14 @@ def test_mixed_safe_and_unsafe_channels_gradients():
 
 
 @pytest.mark.parametrize("segment_steps", [8, 24], ids=["segments-of-8", "segments-of-24"])
-def test_segments_match_reference_with_gradients(monkeypatch, segment_steps):
+def test_segments_match_reference_with_gradients(monkeypatch, segment_steps, unsafe_form):
     """The forward and the hand-written backward carry state and adjoint across segments (cache-sized blocks of the
     sequence): every gradient matches the reference with the sequence split into many segments, huge steps included."""
     import sys
 
     chunked = sys.modules["attnzoo.kernels.selective_scan.chunked"]
     inputs = make_inputs(L=61, E=6, N=4)
-    inputs["delta"][:, ::3] += 8.0  # some (chunk, channel) rows take the doubling scan
+    inputs["delta"][:, ::3] += 8.0  # some (chunk, channel) rows fail the factored bound
     monkeypatch.setattr(chunked, "SEGMENT_ELEMENTS", 2 * 6 * 4 * segment_steps)  # batch x E x N x steps
     ref = run(inputs, "reference")
     got = run(inputs, "torch", chunk_size=8)
@@ -346,20 +373,20 @@ def test_doubling_scan_matches_the_sequential_recurrence(length):
 
 
 def test_chunk_shrinks_until_one_chunk_fits_a_segment():
-    """Large batch x E x N: the chunk is halved (not below CUMSUM_BLOCK) until a chunk of states fits
+    """Large batch x E x N: the chunk is halved (not below CACHE_CHUNK_MIN) until a chunk of states fits
     SEGMENT_ELEMENTS; small ones keep the requested chunk."""
-    from attnzoo.kernels.selective_scan.chunked import CUMSUM_BLOCK, SEGMENT_ELEMENTS, _cache_chunk
+    from attnzoo.kernels.selective_scan.chunked import CACHE_CHUNK_MIN, SEGMENT_ELEMENTS, _cache_chunk
 
     assert _cache_chunk(32, 2048) == 32  # batch 1, E = 128, N = 16
     assert _cache_chunk(32, SEGMENT_ELEMENTS // 8) == 8  # batch 64, E = 128, N = 16
     assert _cache_chunk(32, SEGMENT_ELEMENTS // 16) == 16
-    assert _cache_chunk(32, SEGMENT_ELEMENTS * 4) == CUMSUM_BLOCK
+    assert _cache_chunk(32, SEGMENT_ELEMENTS * 4) == CACHE_CHUNK_MIN
     assert _cache_chunk(4, SEGMENT_ELEMENTS * 4) == 4  # never raised
 
 
-def test_huge_steps_in_float32_stay_finite_with_gradients():
-    """Steps whose decays underflow float32 (exp(A delta) < 1e-38) take the doubling scan and the floored exp: outputs
-    and every gradient are finite and match the float64 reference."""
+def test_huge_steps_in_float32_stay_finite_with_gradients(unsafe_form):
+    """Steps whose decays underflow float32 (exp(A delta) < 1e-38) fail the factored bound and meet the floored exp:
+    outputs and every gradient are finite and match the float64 reference."""
     inputs = make_inputs(L=40, E=6, N=8)
     inputs["delta"][:, ::2] += 30.0
     ref = run(inputs, "reference")
@@ -368,7 +395,46 @@ def test_huge_steps_in_float32_stay_finite_with_gradients():
     assert_close("out", ref[0], got[0].double(), 1e-4)
     for name in NAMES:
         assert torch.isfinite(got[2][name]).all(), name
-        # dA and d delta take m_t = g_t (h_t - x_t) = g_t a_t h_{t-1}: when a huge step leaves h_t ~ x_t, the difference
-        # cancels to float32's eps of x_t (measured 1.8e-4 of dA's scale; the sequential float32 reference: 2e-7)
-        tol = 1e-3 if name in ("A", "delta", "delta_bias") else 1e-4
+        # the doubling scan's rows take dA and d delta from m_t = g_t (h_t - x_t): when a huge step leaves h_t ~ x_t,
+        # the difference cancels to float32's eps of x_t (measured 1.8e-4 of dA's scale); the stepwise form forms
+        # g_t a_t h_{t-1} directly, as the sequential reference does
+        cancels = unsafe_form == "doubling" and name in ("A", "delta", "delta_bias")
+        tol = 1e-3 if cancels else 1e-4
         assert_close(f"d{name}", ref[2][name], got[2][name].double(), tol)
+
+
+def test_factored_and_stepwise_segments_in_one_scan(monkeypatch):
+    """Small steps in the first half of the sequence, huge ones in the second: the first segments take the factored
+    form, the last the stepwise form (default STEPWISE_SHARE), and state and adjoint cross between them."""
+    import sys
+
+    chunked = sys.modules["attnzoo.kernels.selective_scan.chunked"]
+    monkeypatch.setattr(chunked, "FACTOR_LIMIT", {torch.float64: 60.0, torch.float32: 60.0})
+    monkeypatch.setattr(chunked, "SEGMENT_ELEMENTS", 2 * 6 * 4 * 8)  # segments of 8 steps
+    forms = []
+    factors = chunked._Layout._factors
+    monkeypatch.setattr(
+        chunked._Layout,
+        "_factors",
+        lambda self, dlt: forms.append(factors(self, dlt)["W"] is None) or factors(self, dlt),
+    )
+    inputs = make_inputs(L=48, E=6, N=4)
+    inputs["delta"][:, :, 24:] += 12.0
+    ref = run(inputs, "reference")
+    got = run(inputs, "torch", chunk_size=8)
+    assert_all_close(ref, got, 1e-10)
+    assert forms[:6] == [False] * 3 + [True] * 3  # the forward's six segments
+
+
+def test_steps_too_large_for_any_chunk_keep_the_chunk():
+    """When even the shortest chunk leaves more than STEPWISE_SHARE of the rows failing the bound, shortening would
+    not spare the stepwise form (whose cost does not fall with the chunk), so the requested chunk is kept."""
+    from attnzoo.kernels.selective_scan.chunked import SAFE_CHUNK_MIN, _safe_chunk
+
+    A = -torch.arange(1, 17, dtype=torch.float64).repeat(6, 1)
+    huge = torch.full((2, 6, 64), 5.0, dtype=torch.float64)  # span 5 x SAFE_CHUNK_MIN x 16 / 2 = 160 at the minimum
+    assert SAFE_CHUNK_MIN == 4
+    assert _safe_chunk(huge, A, 8, 60.0) == 8
+    some = torch.full((2, 6, 64), 0.5, dtype=torch.float64)
+    some[:, 0, :8] = 5.0  # one channel in 6, 8 steps in 64: 1/6 x 1/8 = 2% of the 4-step rows fail
+    assert _safe_chunk(some, A, 32, 60.0) == 4
