@@ -10,10 +10,13 @@ also compared (max abs difference, which must stay within 1e-4 of outputs of mag
 ``--trained-steps`` draws delta uniform in [0, 1] instead (mean 0.5: the size trained Mamba layers reach on many
 channels, 5-50x the initial steps), where chunks of 32 fail the factored form's bound and the kernel shortens them.
 ``--large-steps`` draws delta = softplus(1.5 z + 0.3) (mean 1.1, a tail past 5): the steps of a mamba MQAR run in its
-first few hundred steps at lr 2e-2, where a quarter of the rows fail the bound even in chunks of 8 and take the
-doubling scan. ``--batch 64 --channels 128 --lengths 128`` is that run's shape (mamba at d_model 64, T = 128).
+first few hundred steps at lr 2e-2, where many rows fail the bound even in chunks of 8. ``--huge-steps`` draws
+delta = softplus(3 z + 9) (mean ~9): later in that run (mean delta 9-14 in its first layer), where every row fails the
+bound and the kernel takes its stepwise form. ``--batch 64 --channels 128 --lengths 128`` is that run's shape (mamba
+at d_model 64, T = 128).
 
     python scripts/bench_selective_scan.py --batch 64 --channels 128 --lengths 128 --large-steps --threads 1
+    python scripts/bench_selective_scan.py --batch 64 --channels 128 --lengths 128 --huge-steps --threads 1
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def make(L: int, E: int, N: int, batch: int = 1, seed: int = 0, steps: str = "in
         "init": lambda: F.softplus(raw),
         "trained": lambda: torch.rand(batch, E, L, generator=gen),
         "large": lambda: F.softplus(torch.randn(batch, E, L, generator=gen) * 1.5 + 0.3),
+        "huge": lambda: F.softplus(torch.randn(batch, E, L, generator=gen) * 3.0 + 9.0),
     }[steps]()
     return dict(
         u=torch.randn(batch, E, L, generator=gen),
@@ -68,6 +72,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--trained-steps", action="store_true", help="delta uniform in [0, 1] (see above)")
     parser.add_argument("--large-steps", action="store_true", help="delta = softplus(1.5 z + 0.3) (see above)")
+    parser.add_argument("--huge-steps", action="store_true", help="delta = softplus(3 z + 9) (see above)")
     parser.add_argument(
         "--repeats",
         type=int,
@@ -77,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     tune_malloc()  # as train.py does: freed CPU memory is reused, not page-faulted again (attnzoo/allocator.py)
     torch.set_num_threads(args.threads)
-    steps = "large" if args.large_steps else "trained" if args.trained_steps else "init"
+    steps = "huge" if args.huge_steps else "large" if args.large_steps else "trained" if args.trained_steps else "init"
     print(
         f"threads={args.threads} batch={args.batch} E={args.channels} N={args.d_state} chunk={args.chunk_size} "
         f"{steps}-size steps"
