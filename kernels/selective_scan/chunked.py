@@ -21,9 +21,9 @@ a_t = exp(A delta_t) <= 1, stable at any step size (both give the same numbers, 
 - a few failing rows (at most ``STEPWISE_SHARE`` of a segment's) are gathered and scanned by recursive doubling
   (``_doubling_scan``, log2 C rounds);
 - past that, the whole segment takes the stepwise form: h_t = a_t h_{t-1} + x_t inside every chunk at once, one
-  fused multiply-add per position in the chunk (a loop as long as the chunk, over all of the segment's chunks), then
-  the chunk starts as below and the inflow exp(A D_t) h_start. Trained Mamba layers need it: a mamba MQAR run at
-  lr 2e-2 reaches mean steps of 5-14 with |A| up to 25, where a third of the rows fail the bound even in 2-step
+  multiply-add (addcmul_) per position in the chunk (a loop as long as the chunk, over all of the segment's chunks),
+  then the chunk starts as below and the inflow exp(A D_t) h_start. Trained Mamba layers need it: a mamba MQAR run
+  at lr 2e-2 reaches mean steps of 5-14 with |A| up to 25, where a third of the rows fail the bound even in 2-step
   chunks.
 The pairwise form (spec "Parallel forms") is stable too but costs C^2 N exponentials per row, and exp of arguments
 below float32's range is 10-25x slower than in it (``kernels/numerics.py``). The states at chunk starts follow from a
