@@ -22,9 +22,10 @@ a_t = exp(A delta_t) <= 1, stable at any step size (both give the same numbers, 
   (``_doubling_scan``, log2 C rounds);
 - past that, the whole segment takes the stepwise form: h_t = a_t h_{t-1} + x_t inside every chunk at once, one
   multiply-add (addcmul_) per position in the chunk (a loop as long as the chunk, over all of the segment's chunks),
-  then the chunk starts as below and the inflow exp(A D_t) h_start. Trained Mamba layers need it: a mamba MQAR run
-  at lr 2e-2 reaches mean steps of 5-14 with |A| up to 25, where a third of the rows fail the bound even in 2-step
-  chunks.
+  giving each chunk's end state from 0; then the chunk starts as below, and the same pass again from each chunk's
+  start state (two cheap passes cost less than forming exp(A D_t) for the inflow). Trained Mamba layers need it: a
+  mamba MQAR run at lr 2e-2 reaches mean steps of 5-14 with |A| up to 25, where a third of the rows fail the bound
+  even in 2-step chunks.
 The pairwise form (spec "Parallel forms") is stable too but costs C^2 N exponentials per row, and exp of arguments
 below float32's range is 10-25x slower than in it (``kernels/numerics.py``). The states at chunk starts follow from a
 short loop over chunks on (batch, E, N) tensors, h_{k+1} = exp(A D_end,k) h_k + local_end,k. Python loops run over
@@ -41,8 +42,9 @@ a_t h_{t-1}):
     dC_t = sum_e dy_t[e] h_t[e],   d(delta u)_t = g_t · B_t,   dB_t = sum_e (delta u)_t[e] g_t[e],
     d delta_t = sum_n A m_t  (+ d(delta u)_t u_t),   dA = sum_t delta_t m_t,   dh_0 = a_first g_first.
 
-The stepwise form runs the adjoint recurrence itself inside each chunk and forms m_t from h_{t-1} (with large steps
-h_t ≈ x_t, and h_t - x_t would cancel).
+The stepwise form runs the adjoint recurrence itself inside each chunk (from 0 for the carries, then again with the
+carry entering at the chunk's end) and forms m_t from h_{t-1} (with large steps h_t ≈ x_t, and h_t - x_t would
+cancel).
 
 Memory and speed. The sequence is processed in segments sized so that a segment's (batch, steps, E, N) tensors stay in
 the CPU cache (``SEGMENT_ELEMENTS``), with in-place ops; the forward keeps only the inputs and the state at every
@@ -242,9 +244,10 @@ class _Layout:
         Why a second form: a mamba MQAR run at lr 2e-2 drives its steps to delta ~ 5-14 on average with |A| up to 25
         (decays exp(-100) and below: the state is nearly rewritten every step), and then a third of the rows fail the
         bound even in chunks of 2. Measured on tensors captured from that run (batch 64, E = 128, N = 16, L = 128,
-        1 thread, fwd+bwd): stepwise 0.24-0.25 s against 0.47-0.64 s for the factored form with gathered rows; with
-        delta = softplus(1.5 z + 0.3) (5% of 4-step rows fail) 0.25-0.29 s against 0.27-0.33 s; with no failing row
-        the factored form is faster (0.19 s against 0.24-0.26 s).
+        1 thread, fwd+bwd): stepwise 0.20-0.21 s against 0.47-0.64 s for the factored form with gathered rows; with
+        delta = softplus(1.5 z + 0.3) (5% of 4-step rows fail) 0.18-0.21 s against 0.26-0.33 s. With no failing
+        row the two cost the same at batch 64 (0.19 s), and the factored form is 1.3-1.5x faster at batch 1 with
+        chunks of 32 (E = 256, L = 1024 and 4096, 2 threads), so it stays where the bound holds.
         """
         D = dlt.cumsum(2)
         shape = (*D.shape, self.N)  # (batch, nC, C, G, Eg, N)
@@ -289,9 +292,12 @@ class _Layout:
             starts.append(h)
             h = torch.addcmul(local_end[:, k], decay[:, k], h)
         h_start = torch.stack(starts, dim=1)  # (batch, nC, G, Eg, N)
-        if W is None:  # + exp(A D_t) h_start: the chunk's inflow, decayed to each step
-            inflow = exp_(torch.mul(D[..., None], self.Ag, out=self.buffer("X", X)))
-            return X.addcmul_(inflow, h_start[:, :, None]), h, h_start
+        if W is None:  # the same recurrence again, now from each chunk's start state: no exp(A D_t) pass
+            torch.mul(du[..., None], Bt, out=X)
+            X[:, :, 0].addcmul_(a[:, :, 0], h_start)
+            for i in range(1, X.shape[2]):
+                X[:, :, i].addcmul_(a[:, :, i], X[:, :, i - 1])
+            return X, h, h_start
         H = S.add_((torch.exp(f["pivot"][..., None] * self.Ag) * h_start)[:, :, None]).div_(W)
         if idx is not None:  # rows' states: local + exp(A D_t) h_start
             inflow = exp_(D.permute(0, 1, 3, 4, 2)[idx][..., None] * self.Ag[idx[2], idx[3]][:, None], exact_zero=False)
@@ -350,9 +356,11 @@ class _Layout:
             carries[k] = carry
             carry = torch.addcmul(first[:, k], decay[:, k], carry)
         c = torch.stack(carries, dim=1)  # (batch, nC, G, Eg, N)
-        if W is None:  # + exp(A (D_end - D_t)) c: the carry, decayed back to each step
-            from_end = exp_(torch.mul((D[:, :, -1:] - D)[..., None], self.Ag, out=self.buffer("X", H)))
-            Gadj = Gr.addcmul_(from_end, c[:, :, None])
+        if W is None:  # the adjoint recurrence again, now with the carry entering at each chunk's end
+            Gadj = torch.mul(dyc[..., None], Ct[..., None, :], out=Gr)
+            Gadj[:, :, -1] += c
+            for i in range(C - 2, -1, -1):
+                Gadj[:, :, i].addcmul_(a[:, :, i + 1], Gadj[:, :, i + 1])
         else:
             to_end = torch.exp((D[:, :, -1] - f["pivot"])[..., None] * self.Ag)  # exp(A (D_end - p))
             Gadj = Gr.add_((to_end * c)[:, :, None]).mul_(W)
