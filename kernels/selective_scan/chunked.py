@@ -276,12 +276,10 @@ class _Layout:
         Bt = Bt[..., None, :]  # (batch, nC, C, G, 1, N)
         X = torch.mul(du[..., None], Bt, out=self.buffer("S", D, (*D.shape, self.N)))  # the writes x_t
         if W is not None:  # chunk-local states S_t / W_t, with S_t = sum_{s<=t} W_s x_s
-            S = self._cumsum_(X.mul_(W), reverse=False)
+            S = self._scan_(X.mul_(W), None, reverse=False)
             local_end = S[:, :, -1] / W[:, :, -1]  # chunk-end states if each chunk started from 0
         else:  # stepwise: h_t = a_t h_{t-1} + x_t from 0, one step of every chunk at a time
-            for i in range(1, X.shape[2]):
-                X[:, :, i].addcmul_(a[:, :, i], X[:, :, i - 1])
-            local_end = X[:, :, -1]
+            local_end = self._scan_(X, a, reverse=False)[:, :, -1]
         # (batch, nC, G, Eg, N): each chunk's whole decay
         decay = exp_(D[:, :, -1, ..., None] * self.Ag, exact_zero=False)
         if idx is not None:
@@ -295,9 +293,7 @@ class _Layout:
         if W is None:  # the same recurrence again, now from each chunk's start state: no exp(A D_t) pass
             torch.mul(du[..., None], Bt, out=X)
             X[:, :, 0].addcmul_(a[:, :, 0], h_start)
-            for i in range(1, X.shape[2]):
-                X[:, :, i].addcmul_(a[:, :, i], X[:, :, i - 1])
-            return X, h, h_start
+            return self._scan_(X, a, reverse=False), h, h_start
         H = S.add_((torch.exp(f["pivot"][..., None] * self.Ag) * h_start)[:, :, None]).div_(W)
         if idx is not None:  # rows' states: local + exp(A D_t) h_start
             inflow = exp_(D.permute(0, 1, 3, 4, 2)[idx][..., None] * self.Ag[idx[2], idx[3]][:, None], exact_zero=False)
@@ -305,21 +301,23 @@ class _Layout:
         return H, h, h_start
 
     @staticmethod
-    def _cumsum_(x: Tensor, reverse: bool) -> Tensor:
-        """Cumulative sum over dim 2 of (batch, nC, C, ...) in place (reverse: from the end).
+    def _scan_(x: Tensor, decay: Tensor | None, reverse: bool) -> Tensor:
+        """x_t += decay_t x_{t-1} over dim 2 of (batch, nC, C, ...) in place (reverse: x_t += decay_{t+1} x_{t+1});
+        ``decay`` None: a plain cumulative sum.
 
-        One add per position in the chunk, each over every chunk of the segment at once: C - 1 ops on 1/C of the
-        numbers, a loop as long as the chunk, never the sequence. Measured (1 thread) against the block-of-8 triangle
-        GEMMs it replaced: 0.26 vs 0.43 ms at batch 64 x chunk 8, 0.5-0.7 vs 1.1-2.2 ms at batch 1 x chunk 32 (1M
-        numbers); torch's cumsum along a non-last dim is slower than both (0.8-3.7 ms).
+        One multiply-add per position in the chunk, each over every chunk of the segment at once: C - 1 ops on 1/C of
+        the numbers, a loop as long as the chunk, never the sequence. As the factored form's cumulative sum, measured
+        (1 thread) against the block-of-8 triangle GEMMs it replaced: 0.26 vs 0.43 ms at batch 64 x chunk 8, 0.5-0.7
+        vs 1.1-2.2 ms at batch 1 x chunk 32 (1M numbers); torch's cumsum along a non-last dim is slower than both
+        (0.8-3.7 ms).
         """
         C = x.shape[2]
-        if reverse:
-            for i in range(C - 2, -1, -1):
-                x[:, :, i] += x[:, :, i + 1]
-        else:
-            for i in range(1, C):
-                x[:, :, i] += x[:, :, i - 1]
+        for i in range(C - 2, -1, -1) if reverse else range(1, C):
+            src, step = (i + 1, i + 1) if reverse else (i - 1, i)
+            if decay is None:
+                x[:, :, i] += x[:, :, src]
+            else:
+                x[:, :, i].addcmul_(decay[:, :, step], x[:, :, src])
         return x
 
     def backward_segment(self, t: slice, h: Tensor, dy: Tensor, carry: Tensor) -> dict[str, Tensor]:
@@ -337,12 +335,10 @@ class _Layout:
         R = torch.mul(dyc[..., None], Ct[..., None, :], out=self.buffer("G", H))
         if W is not None:
             # sum over s >= t of x'_s / W_s (a direct sum: the terms shrink with s, so total - sum_{s<t} would cancel)
-            Gr = self._cumsum_(R.div_(W), reverse=True)
+            Gr = self._scan_(R.div_(W), None, reverse=True)
             first = Gr[:, :, 0] * torch.exp(f["pivot"][..., None] * self.Ag)  # a_first g_first if c = 0
         else:  # stepwise: g_t = x'_t + a_{t+1} g_{t+1}, one step of every chunk at a time
-            for i in range(C - 2, -1, -1):
-                R[:, :, i].addcmul_(a[:, :, i + 1], R[:, :, i + 1])
-            Gr = R
+            Gr = self._scan_(R, a, reverse=True)
             first = a[:, :, 0] * Gr[:, :, 0]
         if idx is not None:
             rows = _rows_scan(D, dyc, Ct, self.Ag, idx, reverse=True)
@@ -359,8 +355,7 @@ class _Layout:
         if W is None:  # the adjoint recurrence again, now with the carry entering at each chunk's end
             Gadj = torch.mul(dyc[..., None], Ct[..., None, :], out=Gr)
             Gadj[:, :, -1] += c
-            for i in range(C - 2, -1, -1):
-                Gadj[:, :, i].addcmul_(a[:, :, i + 1], Gadj[:, :, i + 1])
+            self._scan_(Gadj, a, reverse=True)
         else:
             to_end = torch.exp((D[:, :, -1] - f["pivot"])[..., None] * self.Ag)  # exp(A (D_end - p))
             Gadj = Gr.add_((to_end * c)[:, :, None]).mul_(W)
