@@ -1,12 +1,12 @@
 """Decode latency of GPT with each causal attention: per-token time at growing contexts, and whole generations.
 
 For every attention with ``causal_self`` (or the ones named), a GPT of the given size is prefilled with a context of
-each length through its per-layer caches, then ``--steps`` single-token steps are timed (median of their times). A
-recurrent layer keeps a constant-size state, so its per-token time should not grow with the context; softmax reads
-a KV cache that grows with it. The ``ratio`` column is the per-token time at the longest context over the shortest.
-A second table gives tokens/s of a whole ``generate`` call (prompt + new tokens, sampling included). Layers take the
-options of ``configs/attention/<name>.yaml`` (RoPE for softmax), with cosformer's ``max_len`` raised to the longest
-context.
+each length through its per-layer caches, then ``--steps`` single-token steps are timed (median of their times),
+round robin over the contexts in visits of a few steps, so that the contexts are measured side by side. A recurrent
+layer keeps a constant-size state, so its per-token time should not grow with the context; softmax reads a KV cache
+that grows with it. The ``ratio`` column is the per-token time at the longest context over the shortest. A second
+table gives tokens/s of a whole ``generate`` call (prompt + new tokens, sampling included). Layers take the options
+of ``configs/attention/<name>.yaml`` (RoPE for softmax), with cosformer's ``max_len`` raised to the longest context.
 
     python scripts/bench_decode.py --attention softmax gla mamba --contexts 256 1024 4096 --out bench_results/decode
 """
@@ -26,19 +26,34 @@ from attnzoo.layers import list_attention
 from attnzoo.models import GPT
 from attnzoo.training.run import attention_defaults
 
+ROUND_STEPS = 4  # timed steps per context per round robin visit
 
-def per_token_ms(model: GPT, context: int, steps: int, vocab: int) -> float:
-    caches = model.new_caches(1)
-    prompt = torch.randint(0, vocab, (1, context))
+
+def per_token_ms(model: GPT, contexts: list[int], steps: int, vocab: int) -> dict[int, float]:
+    """Median single-token step time (ms) after a prefill of each context length.
+
+    The contexts are prefilled first and then stepped round robin, so that drift in the machine's speed reaches
+    every context alike. Each visit makes one untimed step, then ``ROUND_STEPS`` timed ones: a step right after
+    another context's would find its KV cache evicted from the CPU caches (measured: softmax at 256 tokens then
+    takes 1.6 ms instead of 0.85), which a generation running alone never sees.
+    """
+    streams = []
     with torch.no_grad():
-        model(prompt, caches=caches)
-        token, times = prompt[:, -1:], []
-        for i in range(steps):
-            start = time.perf_counter()
-            logits = model(token, caches=caches, offset=context + i)
-            times.append(time.perf_counter() - start)
-            token = logits[:, -1].argmax(-1, keepdim=True)
-    return 1e3 * statistics.median(times[1:] if steps > 2 else times)
+        for context in contexts:
+            caches = model.new_caches(1)
+            prompt = torch.randint(0, vocab, (1, context))
+            model(prompt, caches=caches)
+            streams.append({"caches": caches, "token": prompt[:, -1:], "position": context, "times": []})
+        while len(streams[0]["times"]) < steps:
+            for stream in streams:
+                for timed in [False] + [True] * min(ROUND_STEPS, steps - len(stream["times"])):
+                    start = time.perf_counter()
+                    logits = model(stream["token"], caches=stream["caches"], offset=stream["position"])
+                    if timed:
+                        stream["times"].append(time.perf_counter() - start)
+                    stream["token"] = logits[:, -1].argmax(-1, keepdim=True)
+                    stream["position"] += 1
+    return {c: 1e3 * statistics.median(s["times"]) for c, s in zip(contexts, streams)}
 
 
 def generation_tokens_per_s(model: GPT, prompt_len: int, new_tokens: int, vocab: int) -> float:
@@ -70,10 +85,10 @@ def main() -> None:
         torch.manual_seed(0)
         spec = attention_defaults(name)  # the command line's options (configs/attention/<name>.yaml)
         if "max_len" in spec:  # cosformer's fixed position range must cover the longest context
-            spec["max_len"] = max(args.contexts) + args.steps + 1
+            spec["max_len"] = max(args.contexts) + 2 * args.steps + 1  # timed steps plus the untimed ones
         model = GPT(args.vocab, dim=args.dim, depth=args.depth, num_heads=args.heads, attention=spec).eval()
         try:
-            ms = {c: per_token_ms(model, c, args.steps, args.vocab) for c in args.contexts}
+            ms = per_token_ms(model, args.contexts, args.steps, args.vocab)
         except ValueError as err:  # e.g. cosformer's fixed max_len below the longest context: say so, go on
             print(f"{name:>16}  skipped: {err}", flush=True)
             continue

@@ -66,6 +66,47 @@ def test_bench_mqar_runs_a_tiny_sweep_and_resumes(tmp_path):
     assert "0 cells to run (2 resumed" in second.stdout
 
 
+def test_bench_decode_steps_every_context_round_robin_and_writes_the_tables(tmp_path):
+    # cosformer has a fixed position range: the script must size it for every step it takes, timed or not
+    cmd = [sys.executable, str(SCRIPTS / "bench_decode.py"), "--attention", "cosformer", "softmax"]
+    cmd += ["--contexts", "8", "24", "--steps", "6", "--dim", "32", "--depth", "1", "--heads", "2"]
+    cmd += ["--new-tokens", "4", "--threads", "1", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "skipped" not in out.stdout
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [r["attention"] for r in rows] == ["cosformer", "softmax"]
+    assert all(set(r["ms_per_token"]) == {"8", "24"} and min(r["ms_per_token"].values()) > 0 for r in rows)
+    assert "| cosformer |" in (tmp_path / "decode.md").read_text()
+
+
+def test_bench_decode_times_the_requested_number_of_steps(monkeypatch):
+    bench = load("bench_decode")
+    import torch
+
+    from attnzoo.models import GPT
+
+    model = GPT(16, dim=32, depth=1, num_heads=2, attention="linear").eval()
+    offsets = []
+    forward = model.forward
+
+    def spy(tokens, caches=None, offset=0):
+        offsets.append((tokens.shape[1], offset))
+        return forward(tokens, caches=caches, offset=offset)
+
+    monkeypatch.setattr(model, "forward", spy)
+    clock = iter(range(10_000))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    torch.manual_seed(0)
+    ms = bench.per_token_ms(model, [5, 9], steps=6, vocab=16)
+    assert set(ms) == {5, 9}
+    # 6 timed steps per context in visits of ROUND_STEPS = 4, each after one untimed step: 2 visits, 8 steps
+    single = [offset for length, offset in offsets if length == 1]
+    assert sorted(single) == sorted([*range(5, 13), *range(9, 17)])
+    assert single[:5] == [5, 6, 7, 8, 9] and single[5:10] == [9, 10, 11, 12, 13]  # context 5's visit, then 9's
+    assert ms == {5: 1e3, 9: 1e3}  # the fake clock ticks once per timed step
+
+
 @pytest.mark.parametrize("script", sorted(p.stem for p in SCRIPTS.glob("*.py")))
 def test_every_script_has_help(script):
     out = subprocess.run([sys.executable, str(SCRIPTS / f"{script}.py"), "--help"], capture_output=True, text=True)
