@@ -17,7 +17,7 @@ specs/attention.md §7.2. Runs through :func:`attnzoo.kernels.linear_attn`.
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,80 @@ from attnzoo.kernels import linear_attn
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 
 
+@functools.lru_cache(maxsize=16)
+def _quadratic_terms(
+    feature_dim: int, compact: bool, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Tables of the quadratic features w_ij x_i x_j, in the map's order (compact: the diagonal, then the pairs i < j
+    row by row; full: every (i, j) row-major):
+
+    * ``weights`` (P,): each feature's scale w_ij, in ``dtype``;
+    * ``feature_of`` (d'^2,), ``coefficients`` (d'^2,): for the backward, dL/dx_a = sum_b M_ab x_b with
+      M_ab = ``coefficients[a d' + b] * g[feature_of[a d' + b]]`` (g: the features' gradient). Compact: (a, b) and
+      (b, a) read the same feature, the diagonal with weight 2 (d(x_a^2) = 2 x_a dx_a). The full map has both
+      x_a x_b and x_b x_a, which the backward adds itself (``feature_of`` is then the identity).
+    """
+    d = feature_dim
+    if compact:
+        upper_i, upper_j = torch.triu_indices(d, d, offset=1)
+        rows, cols = torch.cat([torch.arange(d), upper_i]), torch.cat([torch.arange(d), upper_j])
+        diagonal, off_diagonal = torch.full((d,), 2 * d, dtype=dtype), torch.full((len(upper_i),), d, dtype=dtype)
+        weights = torch.cat([diagonal, off_diagonal]).rsqrt()
+        feature_of = torch.empty(d, d, dtype=torch.long)
+        feature_of[rows, cols] = torch.arange(len(rows))
+        feature_of[cols, rows] = torch.arange(len(rows))
+        coefficients = weights[feature_of] * (1 + torch.eye(d, dtype=dtype))
+    else:
+        weights = torch.full((d * d,), 2 * d, dtype=dtype).rsqrt()
+        feature_of = torch.arange(d * d)
+        coefficients = weights
+    return weights.to(device), feature_of.flatten().to(device), coefficients.flatten().to(device)
+
+
+class _TaylorFeatures(torch.autograd.Function):
+    """The Taylor map with a hand-written backward. Autograd of an outer product and a gather of its upper triangle
+    scatters the gradient back through a zero-filled (..., d', d') buffer: a third of the based layer's fwd + bwd at
+    T = 1024 (measured). Here the forward writes the products straight into the output, one slice per row of the
+    triangle, and the backward is one gather and a d' x d' contraction per token."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, compact: bool) -> Tensor:
+        d = x.shape[-1]
+        weights, _, _ = _quadratic_terms(d, compact, x.dtype, x.device)
+        out = x.new_empty(*x.shape[:-1], 1 + d + len(weights))
+        out[..., 0] = 1
+        torch.mul(x, d**-0.25, out=out[..., 1 : 1 + d])
+        quadratic = out[..., 1 + d :]
+        if compact:
+            torch.mul(x, x, out=quadratic[..., :d])
+            start = d
+            for i in range(d - 1):  # row i of the strict upper triangle: x_i x_j for j > i
+                torch.mul(x[..., i : i + 1], x[..., i + 1 :], out=quadratic[..., start : start + d - 1 - i])
+                start += d - 1 - i
+        else:
+            torch.mul(x[..., :, None], x[..., None, :], out=quadratic.unflatten(-1, (d, d)))
+        quadratic.mul_(weights)
+        ctx.save_for_backward(x)
+        ctx.compact = compact
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        d = x.shape[-1]
+        _, feature_of, coefficients = _quadratic_terms(d, ctx.compact, x.dtype, x.device)
+        quadratic = grad[..., 1 + d :]
+        if ctx.compact:
+            matrix = quadratic.index_select(-1, feature_of)
+        else:
+            square = quadratic.unflatten(-1, (d, d))
+            matrix = (square + square.transpose(-1, -2)).flatten(-2)
+        matrix.mul_(coefficients)
+        dx = (matrix.unflatten(-1, (d, d)) * x[..., None, :]).sum(-1)
+        return dx.add_(grad[..., 1 : 1 + d], alpha=d**-0.25), None
+
+
 def taylor_feature_map(x: Tensor, compact: bool = True) -> Tensor:
     """2nd-order Taylor features of x (..., d'): (..., 1 + d' + d'(d'+1)/2) if ``compact``, else (..., 1 + d' + d'^2).
 
@@ -34,17 +108,7 @@ def taylor_feature_map(x: Tensor, compact: bool = True) -> Tensor:
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    d = x.shape[-1]
-    outer = x[..., :, None] * x[..., None, :]  # (..., d', d')
-    if compact:
-        i, j = torch.triu_indices(d, d, offset=1, device=x.device)
-        # diagonal x_i^2 / sqrt(2 d'); each off-diagonal pair appears once with weight 1/sqrt(d') instead of twice
-        quadratic = torch.cat(
-            [outer.diagonal(dim1=-2, dim2=-1) / math.sqrt(2 * d), outer[..., i, j] / math.sqrt(d)], dim=-1
-        )
-    else:
-        quadratic = outer.flatten(-2) / math.sqrt(2 * d)
-    return torch.cat([torch.ones_like(x[..., :1]), x / d**0.25, quadratic], dim=-1)
+    return _TaylorFeatures.apply(x, compact)
 
 
 def taylor_num_features(feature_dim: int, compact: bool = True) -> int:
