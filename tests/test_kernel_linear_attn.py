@@ -178,3 +178,21 @@ def test_triton_noncausal_cross_lengths():
     got = torch.autograd.grad(linear_attn(q, k, v, causal=False, backend="triton")[0].sum(), (q, k, v))
     for name, a, b in zip(("dq", "dk", "dv"), ref, got):
         assert_close(name, a, b, 1e-12)
+
+
+@pytest.mark.parametrize("chunks", [1, 5, 16, 17, 50])  # one block, a partial block, exact blocks, padding
+@pytest.mark.parametrize("with_initial", [False, True], ids=["zero-start", "start"])
+def test_blocked_scans_equal_cumulative_sums(chunks, with_initial):
+    from attnzoo.kernels.linear_attn.chunked import _exclusive_scan
+
+    gen = torch.Generator().manual_seed(chunks)
+    parts = torch.randn(chunks, 3, 4, generator=gen, dtype=torch.float64)
+    start = torch.randn(3, 4, generator=gen, dtype=torch.float64) if with_initial else torch.zeros(3, 4).double()
+    inclusive = start + parts.cumsum(0)
+    starts, total = _exclusive_scan(parts, start if with_initial else None, reverse=False)
+    torch.testing.assert_close(starts, torch.cat([start[None], inclusive[:-1]]), atol=1e-12, rtol=0)
+    torch.testing.assert_close(total, inclusive[-1], atol=1e-12, rtol=0)
+    suffix = start + parts.flip(0).cumsum(0).flip(0)  # start + sum over m >= n
+    after, total = _exclusive_scan(parts, start if with_initial else None, reverse=True)
+    torch.testing.assert_close(after, torch.cat([suffix[1:], start[None]]), atol=1e-12, rtol=0)
+    torch.testing.assert_close(total, suffix[0], atol=1e-12, rtol=0)
