@@ -180,19 +180,48 @@ def test_triton_noncausal_cross_lengths():
         assert_close(name, a, b, 1e-12)
 
 
-@pytest.mark.parametrize("chunks", [1, 5, 16, 17, 50])  # one block, a partial block, exact blocks, padding
+@pytest.mark.parametrize("chunks", [0, 1, 5, 16, 17, 50])  # none, one block, a partial block, exact blocks, padding
 @pytest.mark.parametrize("with_initial", [False, True], ids=["zero-start", "start"])
-def test_blocked_scans_equal_cumulative_sums(chunks, with_initial):
-    from attnzoo.kernels.linear_attn.chunked import _exclusive_scan
+def test_blocked_running_sums_equal_cumulative_sums(chunks, with_initial):
+    from attnzoo.kernels.linear_attn.chunked import _running_sums
 
     gen = torch.Generator().manual_seed(chunks)
     parts = torch.randn(chunks, 3, 4, generator=gen, dtype=torch.float64)
     start = torch.randn(3, 4, generator=gen, dtype=torch.float64) if with_initial else torch.zeros(3, 4).double()
-    inclusive = start + parts.cumsum(0)
-    starts, total = _exclusive_scan(parts, start if with_initial else None, reverse=False)
-    torch.testing.assert_close(starts, torch.cat([start[None], inclusive[:-1]]), atol=1e-12, rtol=0)
-    torch.testing.assert_close(total, inclusive[-1], atol=1e-12, rtol=0)
-    suffix = start + parts.flip(0).cumsum(0).flip(0)  # start + sum over m >= n
-    after, total = _exclusive_scan(parts, start if with_initial else None, reverse=True)
-    torch.testing.assert_close(after, torch.cat([suffix[1:], start[None]]), atol=1e-12, rtol=0)
-    torch.testing.assert_close(total, suffix[0], atol=1e-12, rtol=0)
+    prefix = torch.cat([start[None], start + parts.cumsum(0)])  # start + sum over m < n, n = 0 .. N
+    sums = _running_sums(parts, start if with_initial else None, reverse=False)
+    torch.testing.assert_close(sums, prefix, atol=1e-12, rtol=0)
+    suffix = torch.cat([start + parts.flip(0).cumsum(0).flip(0), start[None]])  # start + sum over m >= n
+    sums = _running_sums(parts, start if with_initial else None, reverse=True)
+    torch.testing.assert_close(sums, suffix, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("T", [5, 8, 16, 21], ids=lambda t: f"T{t}")  # 1, 1, 2 and 3 chunks of 8
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "norm"])
+@pytest.mark.parametrize("with_initial", [False, True], ids=["zero-start", "start"])
+@pytest.mark.parametrize("loss_on", ["output", "state", "both"])
+def test_skipped_state_products_change_nothing(T, normalize, with_initial, loss_on):
+    """The chunked path leaves out the state GEMMs of a zero start, an unrequested final state and an unused final
+    state's gradient: every combination against the reference, values and gradients."""
+    q, k, v, state = make_inputs(2, T, 2, 6, 5, normalize=normalize, seed=T)
+    initial = state if with_initial else None
+    want_state = loss_on != "output"
+    gen = torch.Generator().manual_seed(7)
+    results = {}
+    for backend in ("reference", "torch"):
+        o, final = linear_attn(
+            q, k, v, causal=True, normalize=normalize, initial_state=initial, output_final_state=want_state,
+            chunk_size=8, backend=backend,
+        )  # fmt: skip
+        assert (final is None) == (not want_state)
+        loss = 0
+        if loss_on != "state":
+            loss = loss + (o * torch.randn(o.shape, generator=gen.manual_seed(1), dtype=o.dtype)).sum()
+        if want_state:
+            loss = loss + (final * torch.randn(final.shape, generator=gen.manual_seed(2), dtype=final.dtype)).sum()
+        inputs = (q, k, v, state) if with_initial else (q, k, v)
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)  # the state alone does not depend on q
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+        results[backend] = (o, *(() if final is None else (final,)), *grads)
+    for i, (ref, got) in enumerate(zip(*results.values())):
+        assert_close(f"result {i}", ref, got, 1e-12)

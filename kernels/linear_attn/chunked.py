@@ -47,20 +47,25 @@ def _from_chunks(x: Tensor, B: int, H: int, T: int) -> Tensor:
 SCAN_BLOCK = 16  # chunks per block of the blocked prefix sum
 
 
-def _exclusive_scan(parts: Tensor, initial: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
-    """Exclusive prefix sums over the leading (chunk) axis of ``parts`` (N, ...) starting from ``initial`` (reverse:
-    suffix sums from the end), and the total. Blocked: running sums inside blocks of ``SCAN_BLOCK`` chunks (one add per
-    position in a block, over all blocks at once), then the blocks' offsets — about 2 sqrt(N) ops instead of N, which
-    matters because every small op costs a thread-pool round trip; torch's CPU cumsum along a leading axis is ~10x
-    slower still (measured). The reverse scan runs the same steps from the other end of one buffer rather than on
-    flipped copies (a flip is a full copy, twice per call)."""
+def _running_sums(parts: Tensor, initial: Tensor | None, reverse: bool) -> Tensor:
+    """Running sums over the leading (chunk) axis of ``parts`` (N, ...), from ``initial`` (None: zero): (N + 1, ...).
+
+    Forward: sums[n] = initial + the sum of parts[m] over m < n (the state at the start of chunk n; sums[N] is the
+    final state). Reverse: sums[n] = initial + the sum over m >= n (sums[N] = initial).
+
+    Blocked: running sums inside blocks of ``SCAN_BLOCK`` chunks (one add per position in a block, over all blocks at
+    once), then the blocks' offsets: about 2 sqrt(N) ops instead of N, which matters because every small op costs a
+    thread-pool round trip; torch's CPU cumsum along a leading axis is ~10x slower still (measured). The reverse sums
+    run the same steps from the other end of one buffer rather than on flipped copies (a flip is a full copy)."""
     N = parts.shape[0]
+    if N == 0:
+        return parts.new_zeros(1, *parts.shape[1:]) if initial is None else initial.reshape(1, *parts.shape[1:])
     flat = parts.reshape(N, -1)
     block = min(SCAN_BLOCK, N)
     nb = -(-N // block)
     out = flat.new_empty(nb * block + 1, flat.shape[1])
     # forward: row 0 the start, row n + 1 the inclusive sum up to chunk n; reverse: row n the inclusive sum from
-    # chunk n to the end, the last row the start; the padding rows between hold zeros
+    # chunk n to the end, the last row the start; the padding rows between hold zeros (then the start: reverse)
     start_row, body = (nb * block, out[:-1]) if reverse else (0, out[1:])
     if initial is None:
         out[start_row].zero_()
@@ -77,49 +82,53 @@ def _exclusive_scan(parts: Tensor, initial: Tensor | None, reverse: bool) -> tup
         total = blocks[j, 0 if reverse else -1].clone()
         blocks[j] += offset
         offset += total
-    starts, total = (out[1 : N + 1], out[0]) if reverse else (out[:N], out[N])
-    return starts.view(parts.shape), total.view(parts.shape[1:])
-
-
-def _prefix_sums(parts: Tensor, initial: Tensor | None) -> tuple[Tensor, Tensor]:
-    """State at the start of every chunk from the chunks' writes (N, ...) and ``initial``; and the final state."""
-    return _exclusive_scan(parts, initial, reverse=False)
-
-
-def _suffix_sums(parts: Tensor, final: Tensor | None) -> Tensor:
-    """For each chunk n: ``final`` + the sum of parts[m] over later chunks m > n (the gradient after chunk n)."""
-    return _exclusive_scan(parts, final, reverse=True)[0]
+    return out[: N + 1].view(N + 1, *parts.shape[1:])
 
 
 class _CausalChunked(torch.autograd.Function):
     """Causal chunked linear attention on chunk-major (N * BH, C, D) tensors; with ``normalize``, the denominator
     q_t . z_t + eps is carried beside the numerator (z: a K-vector per chunk) rather than as an extra value column,
-    which would make every GEMM V + 1 wide (measured ~2x slower per GEMM at V = 64)."""
+    which would make every GEMM V + 1 wide (measured ~2x slower per GEMM at V = 64).
+
+    State GEMMs are skipped where their operand is zero or their result unused: with no initial state the first
+    chunk starts from zero (no q_0 S_0, no do_0 S_0^T, no q_0^T do_0 unless dS_0 is asked for); with no final state
+    asked for, the last chunk's write k^T v is never read; with no gradient for the final state the last chunk's
+    G is zero (no v G^T, no k G). At MQAR's T = 128 (two chunks) that is 5 of the 12 state GEMM chunk-slices, at
+    T <= C all of them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, S0, z0, BH: int, normalize: bool, eps: float):
-        N = q.shape[0] // BH
-        kv = torch.bmm(k.transpose(1, 2), v)  # (N * BH, K, V): each chunk's write
-        starts, final = _prefix_sums(kv.view(N, BH, *kv.shape[1:]), S0)
+    def forward(ctx, q, k, v, S0, z0, BH: int, normalize: bool, eps: float, need_final: bool):
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: its GEMMs are skipped
+        N, K, V = q.shape[0] // BH, q.shape[-1], v.shape[-1]
+        written = N if need_final else N - 1  # chunks whose write k_n^T v_n is read
+        kv = torch.bmm(k[: written * BH].transpose(1, 2), v[: written * BH])  # (written * BH, K, V)
+        sums = _running_sums(kv.view(written, BH, K, V), S0, reverse=False)  # sums[n] = state at the start of chunk n
+        final = sums[N] if need_final else None
+        first = 0 if S0 is not None else 1  # the first chunk whose start state is not zero
+        starts = sums[first:N].reshape(-1, K, V)  # ((N - first) * BH, K, V)
         scores = torch.bmm(q, k.transpose(1, 2)).tril_()  # (N * BH, C, C)
-        o = torch.bmm(q, starts.view_as(kv)).add_(torch.bmm(scores, v))  # (bmm + add_: baddbmm loops per batch on CPU)
+        o = torch.bmm(scores, v)
+        if first < N:  # bmm + add_: baddbmm loops per batch on CPU
+            o[first * BH :].add_(torch.bmm(q[first * BH :], starts))
         z_starts = z_final = den = None
         if normalize:
-            z_starts, z_final = _prefix_sums(k.sum(1).view(N, BH, -1), z0)  # (N, BH, K)
-            den = torch.bmm(q, z_starts.view(N * BH, -1, 1)).squeeze(-1).add_(scores.sum(-1)).add_(eps)
+            z_sums = _running_sums(k.sum(1).view(N, BH, -1), z0, reverse=False)  # (N + 1, BH, K)
+            z_starts, z_final = z_sums[:N], z_sums[N]
+            den = torch.bmm(q, z_starts.reshape(N * BH, -1, 1)).squeeze(-1).add_(scores.sum(-1)).add_(eps)
             o.div_(den[..., None])
         # scores and chunk states are kept (O(T C + T K V / C), the size of q at C ~ K): recomputing them costs two
         # of the fourteen GEMMs of a forward + backward
         ctx.save_for_backward(q, k, v, S0, z0, den, o if normalize else None, scores, starts, z_starts)
-        ctx.BH, ctx.normalize = BH, normalize
+        ctx.BH, ctx.normalize, ctx.first = BH, normalize, first
         return o, final, z_final
 
     @staticmethod
-    def backward(ctx, do: Tensor, dfinal: Tensor | None, dz_final: Tensor | None):
+    def backward(ctx, do: Tensor | None, dfinal: Tensor | None, dz_final: Tensor | None):
         q, k, v, S0, z0, den, o, scores, starts, z_starts = ctx.saved_tensors
-        BH, normalize = ctx.BH, ctx.normalize
-        N = q.shape[0] // BH
-        starts = starts.view(N * BH, *starts.shape[2:])
+        BH, normalize, first = ctx.BH, ctx.normalize, ctx.first
+        N, K, V = q.shape[0] // BH, q.shape[-1], v.shape[-1]
+        if do is None:  # only the final state was used
+            do = torch.zeros_like(v)
         if normalize:
             dden = (do * o).sum(-1).div_(den).neg_()  # o = num / den
             do = do / den[..., None]  # the numerator's gradient
@@ -127,58 +136,81 @@ class _CausalChunked(torch.autograd.Function):
         if normalize:
             dscores += dden[..., None]  # den_t = sum_{j<=t} q_t . k_j + q_t . z_start
         dscores.tril_()
-        dq = torch.bmm(do, starts.transpose(1, 2)).add_(torch.bmm(dscores, k))
+        dq = torch.bmm(dscores, k)
+        if first < N:
+            dq[first * BH :].add_(torch.bmm(do[first * BH :], starts.transpose(1, 2)))
         del starts
-        qdo = torch.bmm(q.transpose(1, 2), do)  # (N * BH, K, V)
-        after = _suffix_sums(qdo.view(N, BH, *qdo.shape[1:]), dfinal)  # gradient reaching the state after chunk n
-        dS0 = (after[0] + qdo.view_as(after)[0]) if S0 is not None and ctx.needs_input_grad[3] else None
-        after = after.view_as(qdo)
-        dk = torch.bmm(v, after.transpose(1, 2)).add_(torch.bmm(dscores.transpose(1, 2), q))
+        # G_n = dfinal + sum_{m > n} q_m^T do_m; chunk 0's own q^T do only feeds dS_0
+        need_dS0 = S0 is not None and ctx.needs_input_grad[3]
+        read_from = 0 if need_dS0 else 1
+        qdo = torch.bmm(q[read_from * BH :].transpose(1, 2), do[read_from * BH :])
+        sums = _running_sums(qdo.view(N - read_from, BH, K, V), dfinal, reverse=True)
+        dS0 = sums[0] if need_dS0 else None
+        last = N if dfinal is not None else N - 1  # G of the last chunk is dfinal: zero when it is None
+        after = sums[1 - read_from : last + 1 - read_from].reshape(-1, K, V)  # (last * BH, K, V): G_0 .. G_{last-1}
+        dk = torch.bmm(dscores.transpose(1, 2), q)
         del dscores
-        dv = torch.bmm(k, after).add_(torch.bmm(scores.transpose(1, 2), do))
+        dv = torch.bmm(scores.transpose(1, 2), do)
+        if last > 0:
+            dk[: last * BH].add_(torch.bmm(v[: last * BH], after.transpose(1, 2)))
+            dv[: last * BH].add_(torch.bmm(k[: last * BH], after))
         dz0 = None
         if normalize:
-            dq.addcmul_(dden[..., None], z_starts.view(N * BH, 1, -1))
+            dq.addcmul_(dden[..., None], z_starts.reshape(N * BH, 1, -1))
             qz = torch.bmm(dden[:, None, :], q).view(N, BH, -1)  # (N, BH, K): sum_t dden_t q_t per chunk
-            z_after = _suffix_sums(qz, dz_final)
-            dk += z_after.view(N * BH, 1, -1)
+            z_sums = _running_sums(qz, dz_final, reverse=True)
+            dk += z_sums[1:].reshape(N * BH, 1, -1)
             if z0 is not None and ctx.needs_input_grad[4]:
-                dz0 = z_after[0] + qz[0]
-        return dq, dk, dv, dS0, dz0, None, None, None
+                dz0 = z_sums[0]
+        return dq, dk, dv, dS0, dz0, None, None, None, None
 
 
 def linear_attn_chunked(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, initial_state: Tensor | None, chunk_size: int = 64
-) -> tuple[Tensor, Tensor]:
-    """q (B, T, H, K), k (B, S, H, K), v (B, S, H, V), initial_state (B, H, K, V) or None -> (o, final state)."""
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    initial_state: Tensor | None,
+    chunk_size: int = 64,
+    output_final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """q (B, T, H, K), k (B, S, H, K), v (B, S, H, V), initial_state (B, H, K, V) or None -> (o, final state).
+
+    With ``output_final_state=False`` the causal path returns None for the state and skips the last chunk's write."""
     if not causal:
         state = torch.einsum("bshk,bshv->bhkv", k, v)
         if initial_state is not None:
             state = state + initial_state
         return torch.einsum("bthk,bhkv->bthv", q, state), state
-    return _causal(q, k, v, initial_state, None, chunk_size, normalize=False, eps=0.0)[:2]
+    return _causal(q, k, v, initial_state, None, chunk_size, False, 0.0, output_final_state)[:2]
 
 
 def linear_attn_chunked_normalized(
-    q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None, chunk_size: int, eps: float
-) -> tuple[Tensor, Tensor]:
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    initial_state: Tensor | None,
+    chunk_size: int,
+    eps: float,
+    output_final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """Causal o_t = (q_t S_t) / (q_t . z_t + eps); initial_state and the returned state are (B, H, K, V + 1) with z
     as the last column, the layout of the ones-column formulation used by the other backends."""
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = initial_state[..., :-1], initial_state[..., -1]
-    o, final, z_final = _causal(q, k, v, S0, z0, chunk_size, normalize=True, eps=eps)
-    return o, torch.cat([final, z_final[..., None]], dim=-1)
+    o, final, z_final = _causal(q, k, v, S0, z0, chunk_size, True, eps, output_final_state)
+    return o, (torch.cat([final, z_final[..., None]], dim=-1) if output_final_state else None)
 
 
-def _causal(q, k, v, S0, z0, chunk_size: int, normalize: bool, eps: float):
+def _causal(q, k, v, S0, z0, chunk_size: int, normalize: bool, eps: float, need_final: bool):
     B, T, H, K = q.shape
     BH = B * H
     C = max(1, min(chunk_size, T))  # a chunk longer than the sequence only adds padding
     S0 = None if S0 is None else S0.reshape(BH, K, -1)
     z0 = None if z0 is None else z0.reshape(BH, K)
     o, final, z_final = _CausalChunked.apply(
-        _to_chunks(q, C), _to_chunks(k, C), _to_chunks(v, C), S0, z0, BH, normalize, eps
+        _to_chunks(q, C), _to_chunks(k, C), _to_chunks(v, C), S0, z0, BH, normalize, eps, need_final
     )
-    final = final.view(B, H, *final.shape[1:])
+    final = None if final is None else final.view(B, H, *final.shape[1:])
     return _from_chunks(o, B, H, T), final, (None if z_final is None else z_final.view(B, H, K))
