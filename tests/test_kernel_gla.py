@@ -105,6 +105,52 @@ def test_exact_hierarchy_matches_reference(op, bound, monkeypatch):
         assert_close(name, ref[name], got[name], 1e-10)
 
 
+@pytest.mark.parametrize("T", [5, 8, 16, 21], ids=lambda t: f"T{t}")  # 1, 1, 2 and 3 chunks of 8
+@pytest.mark.parametrize("with_initial", [False, True], ids=["zero-start", "start"])
+@pytest.mark.parametrize("loss_on", ["output", "state", "both"])
+@pytest.mark.parametrize("path", ["bounded", "blocked"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_skipped_state_products_change_nothing(op, path, loss_on, with_initial, T, monkeypatch):
+    """The chunked path leaves out the state GEMMs of a zero start, an unrequested final state and an unused final
+    state's gradient: every combination against the reference, values and gradients (also dg), on both backward
+    paths (whole-chunk factoring, and the blocked one that very negative gates take)."""
+    if path == "blocked":  # no block is factored directly: the exact hierarchy and the general backward
+        monkeypatch.setattr(chunked, "FACTOR_BOUND", 0.0)
+        monkeypatch.setattr(chunked, "_blocked_grads", _counted(chunked._blocked_grads, calls := []))
+    q, k, v, g, state = make_inputs(op, 2, T, 2, 6, 5, seed=T)
+    want_state = loss_on != "output"
+    results = {}
+    for backend in ("reference", "torch"):
+        inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v, g, state)]
+        initial = inputs[4] if with_initial else None
+        o, final = OPS[op](
+            *inputs[:4], initial_state=initial, output_final_state=want_state, chunk_size=8, backend=backend
+        )
+        assert (final is None) == (not want_state)
+        gen = torch.Generator().manual_seed(7)
+        loss = 0
+        if loss_on != "state":
+            loss = loss + (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+        if want_state:
+            loss = loss + (final * torch.randn(final.shape, generator=gen, dtype=final.dtype)).sum()
+        used = inputs if with_initial else inputs[:4]
+        grads = torch.autograd.grad(loss, used, allow_unused=True)  # the state alone does not depend on q
+        grads = [torch.zeros_like(x) if d is None else d for d, x in zip(grads, used)]
+        results[backend] = (o, *(() if final is None else (final,)), *grads)
+    for i, (ref, got) in enumerate(zip(*results.values())):
+        assert_close(f"result {i}", ref, got, 1e-10)
+    if path == "blocked":
+        assert calls, "the blocked backward was not taken"
+
+
+def _counted(fn, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.mark.parametrize("op", list(OPS))
 def test_chunk_size_invariance(op):
     inputs = make_inputs(op, 1, 100, 2, 8, 8)

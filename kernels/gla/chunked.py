@@ -175,9 +175,17 @@ class _Parts(NamedTuple):
 
 
 def _forward_parts(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None, saved: _Saved | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    initial_state: Tensor | None,
+    saved: _Saved | None = None,
+    need_final: bool = True,
 ) -> _Parts:
-    """All shared quantities; given what the forward saved (backward), b, c, A and the state scan are reused."""
+    """All shared quantities; given what the forward saved (backward), b, c, A and the state scan are reused.
+
+    Without ``need_final`` the last chunk's write is not formed (nothing reads it) and ``final`` is None."""
     C = q.shape[-2]
     if saved is None:
         b = g.cumsum(-2)
@@ -219,14 +227,20 @@ def _forward_parts(
     carry = b_last.transpose(-1, -2).exp()  # (B, H, N, K or 1, 1)
     final = None
     if starts is None:
-        # (B, H, N, K, V); when c = C, k_out^T v = (k_in^T v) ⊙ exp(b_last), scaled on the (K, V) side
-        writes = k_out.transpose(-1, -2) @ v if k_out is not None else (k_in.transpose(-1, -2) @ v).mul_(carry)
         N = q.shape[2]
-        starts = torch.empty_like(writes)
+        starts = v.new_empty(*q.shape[:3], q.shape[-1], v.shape[-1])  # (B, H, N, K, V)
         starts[:, :, 0] = 0 if initial_state is None else initial_state
-        for n in range(N - 1):  # S_{n+1} = a_n S_n + U_n, in place
-            torch.addcmul(writes[:, :, n], carry[:, :, n], starts[:, :, n], out=starts[:, :, n + 1])
-        final = torch.addcmul(writes[:, :, N - 1], carry[:, :, N - 1], starts[:, :, N - 1])
+        written = N if need_final else N - 1  # chunks whose write is read
+        if written:
+            # when c = C, k_out^T v = (k_in^T v) ⊙ exp(b_last), scaled on the (K, V) side
+            k_w, v_w = (k_in if k_out is None else k_out)[:, :, :written], v[:, :, :written]
+            writes = k_w.transpose(-1, -2) @ v_w
+            if k_out is None:
+                writes.mul_(carry[:, :, :written])
+            for n in range(N - 1):  # S_{n+1} = a_n S_n + U_n, in place
+                torch.addcmul(writes[:, :, n], carry[:, :, n], starts[:, :, n], out=starts[:, :, n + 1])
+            if need_final:
+                final = torch.addcmul(writes[:, :, N - 1], carry[:, :, N - 1], starts[:, :, N - 1])
     return _Parts(b, c, q_exp, q_in, k_exp, k_in, A, q_decay, k_decay, k_out, carry, starts, final)
 
 
@@ -257,6 +271,17 @@ def _mm_add(add: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.baddbmm(add.flatten(0, -3), a.flatten(0, -3), b.flatten(0, -3)).view(add.shape)
 
 
+def _add_chunk_products(add: Tensor, a: Tensor, b: Tensor, lo: int, hi: int) -> Tensor:
+    """add + a @ b on (B, H, N, ., .) tensors where only chunks lo .. hi - 1 have a non-zero product (a zero start
+    state, a zero gradient after the last chunk): one fused GEMM-accumulate when that is every chunk, else the
+    product of those chunks alone, added in place."""
+    if lo == 0 and hi == add.shape[2]:
+        return _mm_add(add, a, b)
+    if lo < hi:
+        add[:, :, lo:hi] += a[:, :, lo:hi] @ b[:, :, lo:hi]
+    return add
+
+
 def _bounded_parts(q_in: Tensor, k_in: Tensor, q_decay: Tensor, A: Tensor, starts: Tensor) -> _Parts:
     """The backward's _Parts when c = C from the saved q_in, k_in and exp(b): one reciprocal."""
     carry = q_decay[..., -1:, :].transpose(-1, -2)  # exp(b_last)
@@ -265,31 +290,38 @@ def _bounded_parts(q_in: Tensor, k_in: Tensor, q_decay: Tensor, A: Tensor, start
 
 
 def _bounded_grads(
-    do: Tensor, v: Tensor, p: _Parts, after: Tensor, carried: Tensor | None
+    do: Tensor, v: Tensor, p: _Parts, after: Tensor, carried: Tensor | None, first: int, last: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """dq, dk, dv and db when c = C (every |b| <= FACTOR_BOUND), in the frames of q_in = q ⊙ e and k_in = k ⊙ e^-1.
 
     With e = exp(b), a = exp(b_last) and dH' = a ⊙ dH_{n+1} (the reverse carry scaled to the chunk start):
         dq = (dA k_in + do S_n^T) ⊙ e,   dk = (dA^T q_in + v dH'^T) ⊙ e^-1,   dv = A^T do + k_in dH'
     plus the diagonal terms, so q ⊙ dq = q_in ⊙ X and k ⊙ dk = k_in ⊙ Y use the GEMM outputs X, Y directly: three
-    GEMM-accumulates and seven elementwise passes instead of the general path's eleven.
+    GEMM-accumulates and seven elementwise passes instead of the general path's eleven. Chunks before ``first``
+    start from a zero state and chunks from ``last`` on have a zero gradient after them: their state products are
+    left out.
     """
     after_scaled = after * p.carry  # (B, H, N, K, V)
-    dv = _mm_add(p.A.transpose(-1, -2) @ do, p.k_in, after_scaled)
+    dv = _add_chunk_products(p.A.transpose(-1, -2) @ do, p.k_in, after_scaled, 0, last)
     dA = do @ v.transpose(-1, -2)  # (B, H, N, C, C)
     dA_diag = dA.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).clone()  # (B, H, N, C, 1)
     dA.tril_(-1)
-    X = _mm_add(do @ p.starts.transpose(-1, -2), dA, p.k_in)
-    through_end = v @ after_scaled.transpose(-1, -2)  # (B, H, N, C, K): k_in-frame gradient through the chunk end
-    Y = _mm_add(through_end, dA.transpose(-1, -2), p.q_in)
+    X = _add_chunk_products(dA @ p.k_in, do, p.starts.transpose(-1, -2), first, dA.shape[2])
+    # (B, H, last, C, K): k_in-frame gradient through the chunk end (zero for the chunks from last on)
+    through_end = v[:, :, :last] @ after_scaled[:, :, :last].transpose(-1, -2)
+    if last == dA.shape[2]:
+        Y = _mm_add(through_end, dA.transpose(-1, -2), p.q_in)
+    else:
+        Y = dA.transpose(-1, -2) @ p.q_in
+        Y[:, :, :last] += through_end
     db = None
     if carried is not None:  # g needs a gradient
         # b-dependent terms only (module docstring). Row C - 1: dA's last column is zero, so k ⊙ dk there is the
         # row's own write alone, which cancels exactly and is left out
         db = (p.q_in * X).addcmul_(p.k_in, Y, value=-1)
-        last_q = p.q_in[..., -1, :] * X[..., -1, :]
-        written = (p.k_in[..., :-1, :] * through_end[..., :-1, :]).sum(-2)
-        db[..., -1, :] = last_q.add_(written).add_(carried)
+        last_q = (p.q_in[..., -1, :] * X[..., -1, :]).add_(carried)
+        last_q[:, :, :last] += (p.k_in[:, :, :last, :-1, :] * through_end[..., :-1, :]).sum(-2)
+        db[..., -1, :] = last_q
     # the diagonal terms dA_ii k_i = dA_ii k_in,i e_i and dA_ii q_i = dA_ii q_in,i e_i^-1 join before the scaling
     dq = X.addcmul_(dA_diag, p.k_in).mul_(p.q_decay)
     dk = Y.addcmul_(dA_diag, p.q_in).mul_(p.k_exp)
@@ -297,72 +329,112 @@ def _bounded_grads(
 
 
 def _blocked_grads(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, p: _Parts, after: Tensor, carried: Tensor | None
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, p: _Parts, after: Tensor, carried: Tensor | None, first: int, last: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """dq, dk, dv and db for any gates (c < C: blocks and the exact hierarchy), following the module docstring."""
-    dv = _mm_add(p.A.transpose(-1, -2) @ do, p.k_out, after)
+    """dq, dk, dv and db for any gates (c < C: blocks and the exact hierarchy), following the module docstring; the
+    state products of chunks before ``first`` (zero start) and from ``last`` on (zero gradient after) are left out."""
+    N = do.shape[2]
+    dv = _add_chunk_products(p.A.transpose(-1, -2) @ do, p.k_out, after, 0, last)
     dA = do @ v.transpose(-1, -2)  # (B, H, N, C, C)
     dA_diag = dA.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).clone()  # (B, H, N, C, 1)
     dq, dk = _intra_grads(dA.tril_(-1), q, k, p)
-    dq.addcmul_(do @ p.starts.transpose(-1, -2), p.q_decay)  # now dq without the diagonal term
-    dk_out = v @ after.transpose(-1, -2)  # (B, H, N, C, K) gradient of k_out
+    if first < N:  # now dq without the diagonal term
+        dq[:, :, first:].addcmul_(do[:, :, first:] @ p.starts[:, :, first:].transpose(-1, -2), p.q_decay[:, :, first:])
+    dk_out = v[:, :, :last] @ after[:, :, :last].transpose(-1, -2)  # (B, H, last, C, K) gradient of k_out
     db = None
     if carried is not None:  # g needs a gradient
         # b-dependent terms only (module docstring): A's diagonal and the last row's own write are left out
         db = (q * dq).sub_(k * dk)
-        through_end = p.k_out * dk_out  # k ⊙ dk through exp(b_last - b): -db_j, and +db_last summed over j
-        db[..., :-1, :] -= through_end[..., :-1, :]
-        db[..., -1, :] += through_end[..., :-1, :].sum(-2) + carried
+        through_end = p.k_out[:, :, :last] * dk_out  # k ⊙ dk through exp(b_last - b): -db_j, +db_last summed over j
+        db[:, :, :last, :-1, :] -= through_end[..., :-1, :]
+        db[..., -1, :] += carried
+        db[:, :, :last, -1, :] += through_end[..., :-1, :].sum(-2)
     dq = dq.addcmul_(dA_diag, k)
-    dk = dk.addcmul_(dk_out, p.k_decay).addcmul_(dA_diag, q)
+    dk[:, :, :last].addcmul_(dk_out, p.k_decay[:, :, :last])
+    dk = dk.addcmul_(dA_diag, q)
     return dq, dk, dv, db
 
 
+# Up to this many chunks, state products with a zero operand are skipped (_ChunkedGLA). Skipping slices the chunk
+# axis of (B, H, N, ...) tensors, and batched matmuls copy such views: measured side by side, 1.15-1.87x faster at
+# N = 1-2 (MQAR's T = 64 and 128), even at N = 4, and 0.86-0.95x at N = 8-64, where one chunk in N is saved.
+SKIP_ZERO_CHUNKS_UP_TO = 2
+
+
 class _ChunkedGLA(torch.autograd.Function):
+    """The chunked op. On short inputs (<= SKIP_ZERO_CHUNKS_UP_TO chunks) state products with a zero operand are
+    skipped: with no initial state the first chunk starts from zero (no (q ⊙ exp(b)) S_0 in the forward, no
+    do S_0^T in the backward, and its (q ⊙ exp(b))^T do only feeds d initial_state); with no final state asked for,
+    the last chunk's write is not formed; with no gradient for the final state (an unused output arrives as None:
+    materialize_grads off) nothing flows back after the last chunk. At T <= 2C that is half the state GEMMs or
+    more (all of them at T <= C)."""
+
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, C: int, initial_state: Tensor | None):
+    def forward(
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        g: Tensor,
+        scale: float,
+        C: int,
+        initial_state: Tensor | None,
+        need_final: bool,
+    ):
+        ctx.set_materialize_grads(False)
         T = q.shape[1]
         q, k, v, g = _to_chunks(q, C, scale), _to_chunks(k, C), _to_chunks(v, C), _to_chunks(g, C)
-        p = _forward_parts(q, k, v, g, initial_state)
+        skip = q.shape[2] <= SKIP_ZERO_CHUNKS_UP_TO
+        p = _forward_parts(q, k, v, g, initial_state, need_final=need_final or not skip)
         q_start = p.q_in if p.q_exp is p.q_decay else q * p.q_decay  # q ⊙ exp(b)
-        o = _mm_add(p.A @ v, q_start, p.starts)  # (B, H, N, C, V)
+        first = 1 if initial_state is None and skip else 0  # from here on the start states are not all zero
+        o = _add_chunk_products(p.A @ v, q_start, p.starts, first, q.shape[2])  # (B, H, N, C, V)
         # A and the chunk-start states are saved (two matmuls and the state scan fewer); the decays are recomputed.
         # When c = C the backward works in the frames of q_in, k_in only, so those replace q, k (same memory)
         if p.c == C > 1:  # the bounded backward needs exp(b), not b
             ctx.save_for_backward(p.q_in, p.k_in, v, p.q_decay, p.A, p.starts)
         else:
             ctx.save_for_backward(q, k, v, p.b, p.A, p.starts)
-        ctx.c, ctx.T, ctx.scale = p.c, T, scale
+        ctx.c, ctx.T, ctx.scale, ctx.first, ctx.skip = p.c, T, scale, first, skip
         ctx.has_initial_state = initial_state is not None
         return _from_chunks(o, T), p.final
 
     @staticmethod
-    def backward(ctx, do: Tensor, dfinal: Tensor | None):
+    def backward(ctx, do: Tensor | None, dfinal: Tensor | None):
         q, k, v, b, A, starts = ctx.saved_tensors  # q_in, k_in, exp(b) for q, k, b when c = C
-        T, scale = ctx.T, ctx.scale
+        T, scale, first, skip = ctx.T, ctx.scale, ctx.first, ctx.skip
         C, N = q.shape[-2], q.shape[2]
-        do = _to_chunks(do, C)
+        do = torch.zeros_like(v) if do is None else _to_chunks(do, C)  # None: only the final state was used
         bounded = ctx.c == C > 1
         if bounded:
             p = _bounded_parts(q, k, b, A, starts)
         else:
             p = _forward_parts(q, k, v, b, None, _Saved(b, ctx.c, A, starts))
         q_start = p.q_in if p.q_exp is p.q_decay else q * p.q_decay
-        # reverse carry dH_n = a_n dH_{n+1} + (q ⊙ exp(b))^T do; after[n] = dH_{n+1}, the gradient after chunk n
-        from_outputs = q_start.transpose(-1, -2) @ do  # (B, H, N, K, V)
-        after = torch.empty_like(from_outputs)
+        # reverse carry dH_n = a_n dH_{n+1} + (q ⊙ exp(b))^T do; after[n] = dH_{n+1}, the gradient after chunk n.
+        # Chunk 0's own (q ⊙ exp(b))^T do only reaches d initial_state
+        needs_dinitial = ctx.has_initial_state and ctx.needs_input_grad[6]
+        read_from = 1 if skip and not needs_dinitial else 0
+        from_outputs = q_start[:, :, read_from:].transpose(-1, -2) @ do[:, :, read_from:]  # (B, H, N - read_from, K, V)
+        after = starts.new_empty(starts.shape)
         after[:, :, N - 1] = 0 if dfinal is None else dfinal
         for n in range(N - 1, 0, -1):
-            torch.addcmul(from_outputs[:, :, n], p.carry[:, :, n], after[:, :, n], out=after[:, :, n - 1])
-        needs_dinitial = ctx.has_initial_state and ctx.needs_input_grad[6]
+            torch.addcmul(from_outputs[:, :, n - read_from], p.carry[:, :, n], after[:, :, n], out=after[:, :, n - 1])
         dinitial = torch.addcmul(from_outputs[:, :, 0], p.carry[:, :, 0], after[:, :, 0]) if needs_dinitial else None
+        last = N - 1 if skip and dfinal is None else N  # up to here the gradients after the chunks are not all zero
         carried = None  # (B, H, N, K): exp(b_last) rowsum(S_n ⊙ dH), the last row's term of db through the carry
         if ctx.needs_input_grad[3]:
-            carried = (p.starts * after).sum(-1) * p.carry[..., 0]
+            if first == 0 and last == N:
+                carried = (starts * after).sum(-1).mul_(p.carry[..., 0])
+            else:
+                carried = starts.new_zeros(starts.shape[:-1])
+                if first < last:
+                    products = (starts[:, :, first:last] * after[:, :, first:last]).sum(-1)
+                    carried[:, :, first:last] = products.mul_(p.carry[:, :, first:last, :, 0])
         if bounded:
-            dq, dk, dv, db = _bounded_grads(do, v, p, after, carried)
+            dq, dk, dv, db = _bounded_grads(do, v, p, after, carried, first, last)
         else:
-            dq, dk, dv, db = _blocked_grads(do, q, k, v, p, after, carried)
+            dq, dk, dv, db = _blocked_grads(do, q, k, v, p, after, carried, first, last)
         dg = None
         if db is not None:
             if b.shape[-1] == 1:
@@ -371,17 +443,25 @@ class _ChunkedGLA(torch.autograd.Function):
             dg = torch.ones(C, C, dtype=db.dtype, device=db.device).triu() @ db
         dq, dk, dv = _from_chunks(dq, T, scale), _from_chunks(dk, T), _from_chunks(dv, T)
         dg = None if dg is None else _from_chunks(dg, T)
-        return dq, dk, dv, dg, None, None, dinitial
+        return dq, dk, dv, dg, None, None, dinitial, None
 
 
 def gla_chunked(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, initial_state: Tensor | None, chunk_size: int = 64
-) -> tuple[Tensor, Tensor]:
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    chunk_size: int = 64,
+    output_final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """q, k (B, T, H, K), g (B, T, H, K or 1), v (B, T, H, V), initial_state (B, H, K, V) or None -> (o, final state).
 
     Inputs are already in the accumulation dtype; ``chunk_size`` is a power of two (shrunk to the next power of two
-    >= T for short inputs; the result does not depend on it beyond rounding).
+    >= T for short inputs; the result does not depend on it beyond rounding). With ``output_final_state=False`` the
+    state is None and the last chunk's write is skipped.
     """
     T = q.shape[1]
     C = min(chunk_size, 1 << max(T - 1, 0).bit_length())
-    return _ChunkedGLA.apply(q, k, v, g, scale, C, initial_state)
+    return _ChunkedGLA.apply(q, k, v, g, scale, C, initial_state, output_final_state)
