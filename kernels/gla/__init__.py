@@ -132,10 +132,8 @@ def _run(
         q, k, v, g = q.to(acc), k.to(acc), v.to(acc), g.to(acc)
         if initial_state is not None:
             initial_state = initial_state.to(acc)
-        if impl is gla_chunked:  # skips the last chunk's write when the state is not asked for
-            o, state = impl(q, k, v, g, scale, initial_state, chunk_size, output_final_state)
-        else:
-            o, state = impl(q, k, v, g, scale, initial_state, chunk_size)
+        # output_final_state lets the chunked backend skip the last chunk's write
+        o, state = impl(q, k, v, g, scale, initial_state, chunk_size, output_final_state)
     return o.to(out_dtype), (state if output_final_state else None)
 
 

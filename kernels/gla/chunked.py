@@ -398,7 +398,7 @@ class _ChunkedGLA(torch.autograd.Function):
             ctx.save_for_backward(q, k, v, p.b, p.A, p.starts)
         ctx.c, ctx.T, ctx.scale, ctx.first, ctx.skip = p.c, T, scale, first, skip
         ctx.has_initial_state = initial_state is not None
-        return _from_chunks(o, T), p.final
+        return _from_chunks(o, T), (p.final if need_final else None)
 
     @staticmethod
     def backward(ctx, do: Tensor | None, dfinal: Tensor | None):

@@ -13,11 +13,19 @@ from torch import Tensor
 
 
 def gla_reference(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, initial_state: Tensor | None, chunk_size: int = 64
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    chunk_size: int = 64,
+    output_final_state: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """q, k, g (B, T, H, K) or g (B, T, H, 1); v (B, T, H, V); initial_state (B, H, K, V) or None -> (o, final state).
 
-    Inputs are already in the accumulation dtype (float32 or float64); ``chunk_size`` is ignored (uniform signature).
+    Inputs are already in the accumulation dtype (float32 or float64); ``chunk_size`` and
+    ``output_final_state`` are ignored (uniform signature; the state is always returned).
     """
     B, T, H, K = q.shape
     state = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state

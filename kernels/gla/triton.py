@@ -277,12 +277,20 @@ class _TritonGLA(torch.autograd.Function):
 
 
 def gla_triton(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, initial_state: Tensor | None, chunk_size: int = 64
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    chunk_size: int = 64,
+    output_final_state: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """q, k (B, T, H, K), g (B, T, H, K or 1), v (B, T, H, V), initial_state (B, H, K, V) or None -> (o, final state).
 
     Inputs are already in the accumulation dtype; the chunk is ``chunk_size`` (at least 16, at most the next power
-    of two >= T; the result does not depend on it beyond rounding).
+    of two >= T; the result does not depend on it beyond rounding). ``output_final_state`` is accepted for the
+    uniform backend signature; the state is always returned.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]

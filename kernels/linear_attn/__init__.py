@@ -91,12 +91,10 @@ def linear_attn(
             o, state = linear_attn_chunked_normalized(q, k, v, initial_state, chunk_size, eps, output_final_state)
         elif normalize:
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, S, H, V + 1): last column accumulates z
-            o, state = impl(q, k, v, causal, initial_state, chunk_size)
-            o = o[..., :-1] / (o[..., -1:] + eps)  # q_t . z_t is the last column of q_t S_t
-        elif impl is linear_attn_chunked:  # skips the last chunk's write when the state is not asked for
             o, state = impl(q, k, v, causal, initial_state, chunk_size, output_final_state)
-        else:
-            o, state = impl(q, k, v, causal, initial_state, chunk_size)
+            o = o[..., :-1] / (o[..., -1:] + eps)  # q_t . z_t is the last column of q_t S_t
+        else:  # output_final_state lets the chunked backend skip the last chunk's write
+            o, state = impl(q, k, v, causal, initial_state, chunk_size, output_final_state)
     return o.to(out_dtype), (state if output_final_state else None)
 
 

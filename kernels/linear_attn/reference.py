@@ -12,11 +12,18 @@ from torch import Tensor
 
 
 def linear_attn_reference(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, initial_state: Tensor | None, chunk_size: int = 64
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    initial_state: Tensor | None,
+    chunk_size: int = 64,
+    output_final_state: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """q (B, T, H, K), k (B, S, H, K), v (B, S, H, V), initial_state (B, H, K, V) or None -> (o, final state).
 
-    ``chunk_size`` is accepted for a uniform backend signature and ignored.
+    ``chunk_size`` and ``output_final_state`` are accepted for a uniform backend signature and ignored (the state
+    is always returned).
     """
     scores = torch.einsum("bthk,bshk->bhts", q, k)  # (B, H, T, S)
     if causal:

@@ -201,7 +201,15 @@ class _LinearAttnTriton(torch.autograd.Function):
 
 
 def linear_attn_triton(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, initial_state: Tensor | None, chunk_size: int = 64
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    initial_state: Tensor | None,
+    chunk_size: int = 64,
+    output_final_state: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """q (B, T, H, K), k (B, S, H, K), v (B, S, H, V), initial_state (B, H, K, V) or None -> (o, final state)."""
+    """q (B, T, H, K), k (B, S, H, K), v (B, S, H, V), initial_state (B, H, K, V) or None -> (o, final state).
+
+    ``output_final_state`` is accepted for the uniform backend signature; the state is always returned."""
     return _LinearAttnTriton.apply(q, k, v, initial_state, causal, chunk_size)
