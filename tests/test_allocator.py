@@ -11,14 +11,42 @@ import torch
 from attnzoo.allocator import tune_malloc
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_repeated_temporaries_stop_page_faulting():
-    assert tune_malloc() is True
-    for _ in range(20):  # 8 MiB each, above glibc's default mmap threshold (128 KiB); the heap settles after a few
-        torch.empty(2**21).fill_(1.0)
+def _huge_pages_always() -> bool:
+    """With transparent huge pages always on, a fresh mapping faults per 2 MiB, not per 4 KiB page."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
+def _faults_of_reused_temporaries(numel: int, warmup: int = 10, repeats: int = 10) -> int:
+    for _ in range(warmup):  # the heap settles after a few
+        torch.empty(numel).fill_(1.0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        torch.empty(2**21).fill_(1.0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    # untuned, each fresh 8 MiB mapping is faulted in page by page: about 10 x 2048 faults
-    assert faults < 1000, f"{faults} page faults for ten reused 8 MiB temporaries"
+    for _ in range(repeats):
+        torch.empty(numel).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize(
+    "mebibytes",
+    [8, 64],  # above glibc's default mmap threshold (128 KiB); 64 is above its 32 MiB cap on the threshold
+)
+def test_repeated_temporaries_stop_page_faulting(mebibytes: int):
+    assert tune_malloc() is True
+    faults = _faults_of_reused_temporaries(mebibytes * 2**18)
+    pages = 10 * mebibytes * 256  # untuned, each fresh mapping is faulted in page by page (4 KiB pages)
+    assert faults < pages / 20, f"{faults} page faults for ten reused {mebibytes} MiB temporaries"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(_huge_pages_always(), reason="fault counts of fresh mappings are per huge page")
+def test_large_blocks_are_mapped_again_when_asked():
+    try:
+        assert tune_malloc(large_blocks_from_heap=False) is True
+        faults = _faults_of_reused_temporaries(64 * 2**18, warmup=2, repeats=4)
+        assert faults > 4 * 64 * 256 / 2  # each 64 MiB block is a fresh mapping again, faulted in page by page
+    finally:
+        tune_malloc()
