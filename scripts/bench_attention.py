@@ -9,7 +9,9 @@ Two levels:
 
 Method. Every length is measured in one process, side by side: each repeat runs every method once in turn (round
 robin), so machine load hits all of them alike; the table reports the median over repeats after ``--warmup`` runs, and
-ratios of medians against the baseline measured in the same run. Forward is timed under ``torch.no_grad()``; fwd+bwd
+ratios of medians against the baseline measured in the same run. ``--repeats`` rounds at least; with ``--min-time S``
+rounds are added until the length's timing has taken S seconds (at most ``--max-repeats``), so short lengths, where a
+round takes milliseconds, get medians of many rounds. Forward is timed under ``torch.no_grad()``; fwd+bwd
 is forward, ``out.float().square().mean().backward()`` with gradients for all inputs. Peak memory is measured in a
 separate run (not timed) by a ``TorchDispatchMode`` that adds up the bytes of every tensor storage created during the
 fwd+bwd call and subtracts them when the storage is freed: the peak of torch's live CPU allocations beyond the inputs
@@ -282,10 +284,14 @@ def run(args: argparse.Namespace, on_length: Callable[[dict], None] | None = Non
                 elapsed = timed(cases[n].forward_backward)
             if elapsed > args.time_budget:
                 skipped[n] = f"fwd+bwd took {elapsed:.1f}s > --time-budget {args.time_budget}s at T={T}"
-        for _ in range(args.repeats):  # round robin: load hits every method alike
+        rounds, started = 0, time.perf_counter()
+        # round robin, so load hits every method alike; short lengths get more rounds (--min-time), where one
+        # round takes milliseconds and a median of a few is at the mercy of the machine's noise
+        while rounds < args.repeats or (rounds < args.max_repeats and time.perf_counter() - started < args.min_time):
             for n in active:
                 times[n]["fwd"].append(timed(cases[n].forward))
                 times[n]["fwdbwd"].append(timed(cases[n].forward_backward))
+            rounds += 1
         for n in active:
             peak = peak_memory(cases[n]) if not args.no_memory else None
             if peak is not None and peak > args.memory_budget * 2**20 and n not in skipped:
@@ -297,6 +303,7 @@ def run(args: argparse.Namespace, on_length: Callable[[dict], None] | None = Non
                     fwd_ms=1e3 * statistics.median(times[n]["fwd"]),
                     fwdbwd_ms=1e3 * statistics.median(times[n]["fwdbwd"]),
                     peak_mib=None if peak is None else peak / 2**20,
+                    repeats=rounds,
                 )
             )
         for n in skip_rows:
@@ -416,12 +423,22 @@ def _fmt(x: float | None, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
+def _rounds(result: dict) -> str:
+    """'5', or with --min-time the rounds each length got (every method at a length gets the same)."""
+    cfg = result["config"]
+    if not cfg.get("min_time"):
+        return str(cfg["repeats"])
+    per_length = {r["T"]: r["repeats"] for r in result["rows"] if "repeats" in r}
+    counts = ", ".join(f"{rounds} at T={T}" for T, rounds in sorted(per_length.items()))
+    return f"{cfg['repeats']}-{cfg['max_repeats']} rounds, added while a length took < {cfg['min_time']:g} s ({counts})"
+
+
 def to_markdown(result: dict) -> str:
     cfg = result["config"]
     base = result["baseline"]
     lines = [
         f"Level `{cfg['level']}`, pattern `{cfg['pattern']}`, B={cfg['batch']}, H={cfg['heads']}, "
-        f"D={cfg['head_dim']}, {cfg['dtype']}, {cfg['threads']} threads, median of {cfg['repeats']} "
+        f"D={cfg['head_dim']}, {cfg['dtype']}, {cfg['threads']} threads, median of {_rounds(result)} "
         f"(warmup {cfg['warmup']}); speedup and memory ratio = `{base}` / method at the same T, same run. "
         f"Load average at the end: {result['machine']['load_average']}.",
         "",
@@ -509,7 +526,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-dim", type=int, default=None, help="kernel level: q/k width (e.g. 256 random features)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per length, at least")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=0.0,
+        help="keep adding rounds until a length's timing has taken this long (s), up to --max-repeats",
+    )
+    p.add_argument("--max-repeats", type=int, default=50, help="most rounds per length under --min-time")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--time-budget", type=float, default=30.0, help="skip longer T once one fwd+bwd takes longer (s)")
     p.add_argument("--memory-budget", type=float, default=4096, help="skip longer T once peak exceeds this (MiB)")
@@ -518,6 +542,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.warmup < 1 or args.repeats < 1:
         p.error("--warmup and --repeats must be >= 1")
+    if args.min_time < 0 or args.max_repeats < args.repeats:
+        p.error("--min-time must be >= 0 and --max-repeats >= --repeats")
     return args
 
 

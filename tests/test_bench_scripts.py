@@ -45,11 +45,17 @@ def test_crossing_cases():
 def test_bench_attention_kernel_level_runs_and_reports_efficiency_lengths(tmp_path):
     bench = load("bench_attention")
     args = ["--level", "kernel", "--ops", "linear_attn", "selective_scan", "simple_gla", "--lengths", "32", "64"]
-    bench.main([*args, "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])
+    # --min-time adds rounds past --repeats; a tiny op never fills 60 s, so every length stops at --max-repeats
+    bench.main(
+        [*args, "--repeats", "1", "--min-time", "60", "--max-repeats", "3", "--threads", "1", "--out", str(tmp_path)]
+    )
     table = (tmp_path / "results.md").read_text()
     assert "Efficiency length against `sdpa`" in table and "| selective_scan |" in table
     result = json.loads((tmp_path / "results.json").read_text())
     assert {e["method"] for e in result["efficiency_lengths"]} == {"linear_attn", "selective_scan", "simple_gla"}
+    assert {r["repeats"] for r in result["rows"]} == {
+        3
+    } and "median of 1-3 rounds, added while a length took < 60 s (3 at T=32, 3 at T=64)" in table
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
