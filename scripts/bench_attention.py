@@ -474,6 +474,25 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def line_style(index: int, baseline: bool = False) -> dict:
+    """Matplotlib style of the index-th line: up to 20 distinct colours (the default cycle repeats after 10, so a
+    full-registry plot drew softmax and cosformer alike) and changing markers; the baseline black and dashed."""
+    if baseline:
+        return dict(color="black", linestyle="--", linewidth=2, marker="o")
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors  # pairs of dark and light shades: the dark ten first
+    return dict(color=colours[(2 * index) % 20 + (index // 10) % 2], marker="os^Dv<>PX*"[index % 10])
+
+
+def label_log_ticks(axis, values: list[int]) -> None:
+    """Ticks of a log axis at the measured values, as plain numbers (matplotlib's minor labels overlap there)."""
+    from matplotlib.ticker import NullFormatter
+
+    axis.set_ticks(values, [f"{v:,}" for v in values])
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -482,18 +501,22 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = sorted({r["method"] for r in result["rows"]})
-    for m in methods:
+    for i, m in enumerate(methods):
         pts = [r for r in result["rows"] if r["method"] == m and "skipped" not in r]
         if not pts:
             continue
         Ts = [r["T"] for r in pts]
-        ax_time.plot(Ts, [1e3 * r["fwdbwd_ms"] / r["T"] for r in pts], marker="o", label=m)
+        style = line_style(i, m == result["baseline"])
+        ax_time.plot(Ts, [1e3 * r["fwdbwd_ms"] / r["T"] for r in pts], label=m, **style)
         if all(r["peak_mib"] is not None for r in pts):
-            ax_mem.plot(Ts, [r["peak_mib"] for r in pts], marker="o", label=m)
+            ax_mem.plot(Ts, [r["peak_mib"] for r in pts], label=m, **style)
     ax_time.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="fwd+bwd µs per token")
     ax_mem.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="peak MiB (fwd+bwd)")
+    lengths = sorted({r["T"] for r in result["rows"]})
     for ax in (ax_time, ax_mem):
         ax.grid(True, which="both", alpha=0.3)
+        label_log_ticks(ax.xaxis, lengths)
+        ax.tick_params(axis="x", labelrotation=45)
     ax_time.legend(fontsize=8)
     cfg = result["config"]
     fig.suptitle(

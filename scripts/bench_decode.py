@@ -125,11 +125,14 @@ def _plot(rows: list[dict], contexts: list[int], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from bench_attention import label_log_ticks, line_style  # the sibling script (scripts/ is on sys.path when run)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.plot(contexts, [r["ms_per_token"][c] for c in contexts], marker="o", label=r["attention"])
+    for i, r in enumerate(rows):
+        style = line_style(i, r["attention"] == "softmax")
+        ax.plot(contexts, [r["ms_per_token"][c] for c in contexts], label=r["attention"], **style)
     ax.set(xscale="log", yscale="log", xlabel="context length", ylabel="ms per generated token", title="GPT decode")
+    label_log_ticks(ax.xaxis, contexts)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -247,6 +247,8 @@ def _plots(best: dict, names: list[str], widths: list[int], cells: list[tuple], 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from bench_attention import line_style  # the sibling script (scripts/ is on sys.path when run)
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, len(widths), figsize=(3 + 2.2 * len(widths), 0.4 * len(names) + 1.8), squeeze=False)
     for ax, width in zip(axes[0], widths):
@@ -267,13 +269,14 @@ def _plots(best: dict, names: list[str], widths: list[int], cells: list[tuple], 
 
     fig, ax = plt.subplots(figsize=(6, 4))
     seq_len, pairs = cells[-1]
-    for name in names:
+    for i, name in enumerate(names):
         keys = [(name, w, seq_len, pairs) for w in widths if (name, w, seq_len, pairs) in best]
         if not keys:
             continue
         pts = sorted((best[k]["state_size"], best[k]["test_acc"]) for k in keys)
-        ax.plot(*zip(*pts), marker="o", label=name)
+        ax.plot(*zip(*pts), label=name, **line_style(i, name == "softmax"))
     ax.set(xscale="log", xlabel="decode state size (numbers per sequence)", ylabel="MQAR accuracy")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a log axis overlap
     ax.set_title(f"recall vs state, T={seq_len}, {pairs} kv pairs", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

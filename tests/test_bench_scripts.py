@@ -15,6 +15,8 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def load(name: str):
+    if str(SCRIPTS) not in sys.path:  # as when run as `python scripts/<name>.py`: siblings import each other
+        sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
