@@ -59,7 +59,9 @@ class _CausalDepthwiseConv(torch.autograd.Function):
         T = rows - (W - 1)
         taps = weight.t().contiguous()  # (W, C): each tap's C weights contiguous, like the channel-last rows
         pre = full.new_empty(B, T, C)
-        out = full.new_empty(B, T, C) if silu else pre
+        # the backward needs the pre-activation; without gradients the activation overwrites it
+        keep_pre = silu and any(ctx.needs_input_grad[:3])
+        out = full.new_empty(B, T, C) if keep_pre else pre
         for seqs, pos in _tiles(B, T, C):
             tile = pre[seqs, pos]
             window = full[seqs, pos.start : pos.stop + W - 1]  # the tile's positions and the W - 1 before them
@@ -71,8 +73,8 @@ class _CausalDepthwiseConv(torch.autograd.Function):
             for w in range(1, W):
                 tile.addcmul_(window[:, w : w + n], taps[w])
             if silu:
-                torch.ops.aten.silu.out(tile, out=out[seqs, pos])
-        ctx.save_for_backward(full, taps, pre if silu else None)
+                torch.ops.aten.silu.out(tile, out=out[seqs, pos])  # in place when out is pre
+        ctx.save_for_backward(full, taps, pre if keep_pre else None)
         ctx.has_bias, ctx.silu = bias is not None, silu
         return out
 

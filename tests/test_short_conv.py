@@ -118,3 +118,15 @@ def test_bad_state_shape_names_the_expected_shape():
     conv = ShortConvolution(4, 4)
     with pytest.raises(ValueError, match=r"state must have shape \(B, C, W-1\) = \(2, 4, 3\); got \(2, 4, 2\)"):
         conv(torch.randn(2, 5, 4), state=torch.zeros(2, 4, 2))
+
+
+def test_inference_mode_gives_the_training_mode_output():
+    conv = make(6, 4, True, "silu")
+    x = torch.randn(3, 9, 6, dtype=torch.float64)
+    with torch.no_grad():  # the activation then overwrites the pre-activation buffer
+        expected = reference(x, torch.zeros(3, 6, 3, dtype=torch.float64), conv.weight, conv.bias, "silu")
+        y_no_grad, _ = conv(x)
+    y_grad, _ = conv(x)
+    assert y_grad.requires_grad
+    torch.testing.assert_close(y_no_grad, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y_grad.detach(), y_no_grad, rtol=0, atol=0)
