@@ -13,8 +13,8 @@ to pass 0.99 on (64, 4) (1,900 at 1e-2; 3e-3 stays below 0.98 after 2,000) and ~
 late and suddenly, so a step budget below that measures nothing.
 
 The default grid (``python scripts/bench_mqar.py``) is the part of Zoology's grid sized for an hour on 2 cores: every
-causal attention x width 64 x cells (64, 4) and (128, 8), lr 2e-2, up to 1,500 steps. Measured: 56.0 min with 2
-workers (111 worker-minutes), mamba's (128, 8) cell alone 19 (docs/benchmarks.md §6).
+causal attention x width 64 x cells (64, 4) and (128, 8), lr 2e-2, up to 1,500 steps. Measured: 57.5 min with 2
+workers (114 worker-minutes), mamba's (128, 8) cell alone 19 (docs/benchmarks.md §6).
 ``--full`` is the whole CPU-sized grid: widths 32/64/128 x cells (64, 4), (128, 8), (256, 16) x lrs 3e-3/1e-2/2e-2,
 up to 2,000 steps (about a day on 2 cores). Results are appended to ``runs.json`` after every cell, so an interrupted
 sweep resumes where it stopped (``--fresh`` starts over).
