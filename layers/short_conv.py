@@ -88,11 +88,10 @@ class _CausalDepthwiseConv(torch.autograd.Function):
         grad_full = full.new_empty(B, rows, C)
         grad_full[:, : W - 1].zero_()  # the state rows; every later row is first written by the last tap
         tiles = _tiles(B, T, C)
-        grad_taps = taps.new_empty(len(tiles), W, C)
-        grad_bias = taps.new_empty(len(tiles), C) if ctx.has_bias else None
-        # one scratch buffer per call for g and for products, sized to the largest tile
-        most = max((seqs.stop - seqs.start) * (min(pos.stop, T) - pos.start) for seqs, pos in tiles)
-        scratch = full.new_empty(2, most * C)
+        grad_taps = taps.new_empty(len(tiles), W, C) if ctx.needs_input_grad[1] else None
+        grad_bias = taps.new_empty(len(tiles), C) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        # one scratch buffer per call for g and for products, sized to the first tile (no later one is larger)
+        scratch = full.new_empty(2, grad_out[tiles[0]].numel())
         for i, (seqs, pos) in enumerate(tiles):
             g_out = grad_out[seqs, pos]
             shape = g_out.shape
@@ -110,10 +109,12 @@ class _CausalDepthwiseConv(torch.autograd.Function):
                     torch.mul(g, taps[w], out=grad_window[:, w : w + n])
                 else:
                     grad_window[:, w : w + n].addcmul_(g, taps[w])
-                torch.sum(torch.mul(g, window[:, w : w + n], out=product), (0, 1), out=grad_taps[i, w])
+                if grad_taps is not None:
+                    torch.sum(torch.mul(g, window[:, w : w + n], out=product), (0, 1), out=grad_taps[i, w])
             if grad_bias is not None:
                 torch.sum(g, (0, 1), out=grad_bias[i])
-        return grad_full, grad_taps.sum(0).t(), None if grad_bias is None else grad_bias.sum(0), None
+        grad_weight = None if grad_taps is None else grad_taps.sum(0).t()
+        return grad_full, grad_weight, None if grad_bias is None else grad_bias.sum(0), None
 
 
 class ShortConvolution(nn.Conv1d):

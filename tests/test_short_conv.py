@@ -130,3 +130,12 @@ def test_inference_mode_gives_the_training_mode_output():
     assert y_grad.requires_grad
     torch.testing.assert_close(y_no_grad, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y_grad.detach(), y_no_grad, rtol=0, atol=0)
+
+
+def test_frozen_weights_get_no_gradient_and_the_input_gradient_is_unchanged():
+    conv = make(6, 4, True, "silu")
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(conv(x)[0].square().sum(), x)
+    conv.requires_grad_(False)  # the backward then skips the weight and bias reductions
+    (got,) = torch.autograd.grad(conv(x)[0].square().sum(), x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
