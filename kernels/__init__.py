@@ -4,9 +4,19 @@ Each op has a recurrent reference (the oracle, float64-capable), a torch chunked
 kernel (CUDA), behind one function with ``backend="auto"|"reference"|"torch"|"triton"``.
 """
 
+from attnzoo.kernels.delta_rule import delta_rule
 from attnzoo.kernels.dispatch import BACKENDS, choose_backend, triton_available
 from attnzoo.kernels.gla import gla, simple_gla
 from attnzoo.kernels.linear_attn import linear_attn
 from attnzoo.kernels.selective_scan import selective_scan
 
-__all__ = ["BACKENDS", "choose_backend", "gla", "linear_attn", "selective_scan", "simple_gla", "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "choose_backend",
+    "delta_rule",
+    "gla",
+    "linear_attn",
+    "selective_scan",
+    "simple_gla",
+    "triton_available",
+]
