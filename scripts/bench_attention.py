@@ -582,7 +582,7 @@ def write(result: dict, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    tune_malloc()  # as train.py does: freed CPU memory is reused, not page-faulted again (attnzoo/allocator.py)
+    tune_malloc()  # opt-in (train.py: tune_malloc=true): the published numbers reuse freed CPU memory
     # files are rewritten after every length, so an interrupted long run keeps what it measured
     result = run(args, on_length=lambda partial: write(partial, args.out))
     print(write(result, args.out))

@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench_results/decode"))
     args = parser.parse_args()
-    tune_malloc()  # as train.py does: freed CPU memory is reused, not page-faulted again (attnzoo/allocator.py)
+    tune_malloc()  # opt-in (train.py: tune_malloc=true): the published numbers reuse freed CPU memory
 
     torch.set_num_threads(args.threads)
     names = args.attention or list_attention("causal_self")

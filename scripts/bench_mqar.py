@@ -131,7 +131,7 @@ def run_cell(job: tuple[str, int, int, int, argparse.Namespace]) -> list[dict]:
     """Every learning rate of one (attention, width, cell), stopping at the first that solves it."""
     name, width, seq_len, pairs, args = job
     torch.set_num_threads(args.threads)
-    tune_malloc()  # as train.py does (attnzoo/allocator.py)
+    tune_malloc()  # opt-in (train.py: tune_malloc=true): the published numbers reuse freed CPU memory
     runs = []
     for lr in args.lrs:
         runs.append(train_one(name, width, seq_len, pairs, lr, args))

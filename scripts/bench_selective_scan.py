@@ -80,7 +80,7 @@ def main() -> None:
         help="timed runs of each backend (the reference backward takes tens of seconds at L=1024, so it runs once)",
     )
     args = parser.parse_args()
-    tune_malloc()  # as train.py does: freed CPU memory is reused, not page-faulted again (attnzoo/allocator.py)
+    tune_malloc()  # opt-in (train.py: tune_malloc=true): the published numbers reuse freed CPU memory
     torch.set_num_threads(args.threads)
     steps = "huge" if args.huge_steps else "large" if args.large_steps else "trained" if args.trained_steps else "init"
     print(

@@ -10,10 +10,11 @@ serves those from the heap too: measured at T = 16384 (layer fwd + bwd, dim 256,
 1.2-1.4x, mamba 1.2x, softmax 1.08x faster; no change at T <= 4096, where nothing reaches 32 MiB. This is the same
 effect as the jemalloc / tcmalloc preloads that CPU inference guides recommend, without a preload.
 
-It is process-wide, so the library never calls it on import: the entry points do (``attnzoo.training.run`` unless
-``tune_malloc=false``, and the benchmark scripts), and users may call :func:`tune_malloc` in their own programs. The
-cost is that the process keeps its peak heap size until it exits, plus what fragments between large blocks (peak RSS
-0-32% higher in the T = 16384 measurements above).
+It changes the whole process, so it is opt-in: nothing calls it on import or by default. A training run applies it
+with ``tune_malloc=true`` (``attnzoo.training.run``); the benchmark scripts opt in, because their published numbers
+were measured with it; users may call :func:`tune_malloc` in their own programs. The cost is that the process keeps
+its peak heap size until it exits, plus what fragments between large blocks (peak RSS 0-32% higher in the T = 16384
+measurements above).
 """
 
 from __future__ import annotations
