@@ -1,15 +1,9 @@
-"""Train a model from the Hydra configs in configs/: ``python train.py [overrides]`` (see README.md)."""
+"""Train a model from the Hydra configs in configs/: ``python train.py [overrides]`` (see README.md).
 
-import hydra
-from omegaconf import DictConfig
+The same function as the installed ``attnzoo-train`` command (``attnzoo.cli.train``).
+"""
 
-import attnzoo.training
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return attnzoo.training.run(cfg)
-
+from attnzoo.cli import train
 
 if __name__ == "__main__":
-    main()
+    train()

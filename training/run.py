@@ -49,12 +49,17 @@ def _container(value: Any) -> Any:
 
 
 def attention_defaults(name: str) -> dict[str, Any]:
-    """``configs/attention/<name>.yaml`` as a dict (``{"name": name}`` if the layer has no yaml)."""
+    """``configs/attention/<name>.yaml`` as a dict; every registered attention must have one (an error otherwise)."""
     if name not in list_attention():
         raise ConfigError(unknown("attention", name, list_attention()))
     path = CONFIG_DIR / "attention" / f"{name}.yaml"
     if not path.is_file():
-        return {"name": name}
+        # never fall back to no options: the run would silently train with other defaults than the command line's
+        raise ConfigError(
+            f"attention {name!r} is registered but its defaults file {path} does not exist. Add it (its layer's "
+            f"options, as in the other files of {path.parent}); if attnzoo is installed, reinstall it: the package "
+            f"ships one yaml per registered attention."
+        )
     return {"name": name, **{k: v for k, v in _container(OmegaConf.load(path)).items() if k != "name"}}
 
 
@@ -166,8 +171,8 @@ def run(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
-    if cfg.get("tune_malloc", True):
-        tune_malloc()  # keep freed CPU memory for reuse (attnzoo/allocator.py); no-op without glibc
+    if cfg.get("tune_malloc", False):
+        tune_malloc()  # opt-in, process-wide: keep freed CPU memory for reuse (attnzoo.allocator); no-op without glibc
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     try:
