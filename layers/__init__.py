@@ -32,6 +32,8 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     agent,
     based,
     cosformer,
+    deltanet,
+    gated_deltanet,
     gated_softmax,
     gla,
     linear,
