@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from attnzoo.data.cache import DEFAULT_DATA_DIR, cached_tensors
+from attnzoo.extras import require
 
 SPLITS = ("train", "val", "test")
 
@@ -188,9 +189,7 @@ class DigitsDataModule(_ImageDataModule):
 
     def _tensors(self) -> dict[str, Tensor]:
         def make() -> dict[str, Tensor]:
-            from sklearn.datasets import load_digits
-
-            digits = load_digits()
+            digits = require("sklearn.datasets", "data=digits").load_digits()
             images = torch.from_numpy(digits.images.astype(np.uint8))[:, None]  # (1797, 1, 8, 8)
             labels = torch.from_numpy(digits.target.astype(np.int64))
             parts = _stratified_split(digits.target, self.fractions, self.seed)
@@ -290,9 +289,8 @@ class CIFAR10DataModule(_TorchvisionDataModule):
     flip = True
 
     def _dataset(self, train: bool) -> Any:
-        from torchvision.datasets import CIFAR10
-
-        return CIFAR10(str(self.root), train=train, download=self.download)
+        datasets = require("torchvision.datasets", "data=cifar10")
+        return datasets.CIFAR10(str(self.root), train=train, download=self.download)
 
 
 class MNISTDataModule(_TorchvisionDataModule):
@@ -301,6 +299,5 @@ class MNISTDataModule(_TorchvisionDataModule):
     name = "mnist"
 
     def _dataset(self, train: bool) -> Any:
-        from torchvision.datasets import MNIST
-
-        return MNIST(str(self.root), train=train, download=self.download)
+        datasets = require("torchvision.datasets", "data=mnist")
+        return datasets.MNIST(str(self.root), train=train, download=self.download)
