@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from attnzoo.allocator import tune_malloc
+from attnzoo.extras import require
 
 # ----------------------------------------------------------------------------------------------------------------
 # measurement
@@ -494,8 +495,7 @@ def label_log_ticks(axis, values: list[int]) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the plot of bench_attention.py")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

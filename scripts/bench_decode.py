@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from attnzoo.allocator import tune_malloc
+from attnzoo.extras import require
 from attnzoo.layers import list_attention
 from attnzoo.models import GPT
 from attnzoo.training.run import attention_defaults
@@ -121,8 +122,7 @@ def main() -> None:
 
 
 def _plot(rows: list[dict], contexts: list[int], path: Path) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the plot of bench_decode.py")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from bench_attention import label_log_ticks, line_style  # the sibling script (scripts/ is on sys.path when run)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.allocator import tune_malloc
+from attnzoo.extras import require
 
 
 def _median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
@@ -51,6 +52,7 @@ def _train_step(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> 
 
 
 def bench_gpt(args: argparse.Namespace) -> list[dict]:
+    require("x_transformers", "bench_models.py --part gpt (its baseline)")  # missing: names the extra to install
     from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
 
     from attnzoo.models import GPT

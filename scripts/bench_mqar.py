@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from attnzoo.allocator import tune_malloc
 from attnzoo.data.mqar import generate_mqar, split_seed
+from attnzoo.extras import require
 from attnzoo.layers import list_attention
 from attnzoo.models import GPT
 from attnzoo.training.optim import build_optimizer, warmup_cosine
@@ -243,8 +244,7 @@ def main() -> None:
 
 
 def _plots(best: dict, names: list[str], widths: list[int], cells: list[tuple], out: Path) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the plots of bench_mqar.py")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from bench_attention import line_style  # the sibling script (scripts/ is on sys.path when run)
