@@ -36,6 +36,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     gated_deltanet,
     gated_softmax,
     gla,
+    hgrn2,
     linear,
     mamba,
     mamba2,
