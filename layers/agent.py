@@ -28,7 +28,6 @@ are left out of the pooling average and the aggregation softmax, and their value
 noncausal_cross follows AgentSD: agents pooled from the queries, aggregation over the context, broadcast to the
 queries, no position biases and no DWC (the context has no grid). There is no causal form (``pattern_note``).
 Defaults: agent_num 49 and qkv_bias False (the official constructor; the DeiT models pass qkv_bias=True).
-Math: specs/attention.md §5.
 """
 
 from __future__ import annotations
@@ -95,7 +94,7 @@ class AgentAttention(Attention):
     patterns = frozenset({"noncausal_self", "noncausal_cross"})
     pattern_note = (
         "Agent attention has no causal form: the agent tokens are averages of the queries over the whole sequence "
-        "and the aggregation softmax runs over all keys, so every output sees the future (specs/attention.md §5)."
+        "and the aggregation softmax runs over all keys, so every output sees the future."
     )
 
     def __init__(

@@ -11,8 +11,8 @@ HazyResearch form); ``compact_features`` keeps the upper triangle of x x^T (diag
 x_i x_j / sqrt(d') for i < j: 1 + 16 + 136 = 153 features, fla's TaylorFeatureMap), which gives the same kernel and
 so the same outputs with a smaller state. Defaults: feature_dim 16 and eps 1e-12 from HazyResearch/based
 (``based/models/mixers/linear_attention.py``). The Based *architecture* alternates this layer with exact
-sliding-window softmax (``sliding_window``): ``GPT(..., attention=["sliding_window", "based"])``. Math:
-specs/attention.md §7.2. Runs through :func:`attnzoo.kernels.linear_attn`.
+sliding-window softmax (``sliding_window``): ``GPT(..., attention=["sliding_window", "based"])``. It runs
+through :func:`attnzoo.kernels.linear_attn`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ cos(a - b) = sin a sin b + cos a cos b splits the re-weighting into 2D features,
 
 No 1/sqrt(D) scale, eps is a clamp (``clamp_min(den, 1e-6)``), q/k/v/out projections have biases: all as the official
 OpenNLPLab/cosFormer ``CosformerAttention`` (parameter names ``q_proj``/``k_proj``/``v_proj``/``out_proj`` follow it,
-so its state_dict loads directly). Math and pitfalls: specs/attention.md §2.
+so its state_dict loads directly).
 
 ``M`` (``max_len``): the official code uses M = max(T, S) of each call. Then the weight of a fixed pair (i, j) changes
 as the sequence grows, so a causal model is not prefix-consistent and cannot decode incrementally; ``max_len=None``

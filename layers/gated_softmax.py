@@ -11,7 +11,7 @@ masks, cross-attention and the KV cache work as in :mod:`attnzoo.layers.softmax`
 per head channel (H * D values, the paper's best variant, the default); ``gate="headwise"`` has one per head (H),
 broadcast over the head dim. The gate's bias follows ``qkv_bias`` as in the official code. The official code fuses
 W_gate into ``q_proj`` (per KV group); here it is a separate ``gate`` Linear, the softmax part keeps timm's names
-(``qkv``, ``proj``) and the defaults of the ``softmax`` layer. Math: specs/attention.md §7.1.
+(``qkv``, ``proj``) and the defaults of the ``softmax`` layer.
 """
 
 from __future__ import annotations

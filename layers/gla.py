@@ -1,7 +1,7 @@
 """Gated Linear Attention — Yang et al. 2023, "Gated Linear Attention Transformers with Hardware-Efficient
 Training", https://arxiv.org/abs/2312.06635
 
-Per head, with a data-dependent forget gate per key channel (specs/attention.md §3):
+Per head, with a data-dependent forget gate per key channel:
 
     log_decay_t = max(logsigmoid(W_2 W_1 x_t + b) / gate_logit_normalizer, clamp_min)       (<= 0, float32)
     S_t = diag(exp(log_decay_t)) S_{t-1} + k_t^T v_t,      o_t = K^-1/2 * q_t S_t
@@ -13,7 +13,7 @@ expand_v 1, low-rank gate 16, normalizer 16, RMSNorm per head with eps 1e-5, swi
 (``q_proj k_proj v_proj g_proj gk_proj.0 gk_proj.1 o_proj g_norm q_conv1d k_conv1d v_conv1d``), so an FLA checkpoint
 loads with one rename (FLA's fused ``g_norm_swish_gate.weight`` is our ``g_norm.weight``). Initialisation is FLA's
 ``GLAPreTrainedModel._init_weights``: Linear and Conv1d weights N(0, 0.02), biases zero (FLA's newer configs use
-std 0.006; the paper-era 0.02 is kept, specs/attention.md §3). The scan is ``attnzoo.kernels.gla``.
+std 0.006; the paper-era 0.02 is kept). The scan is ``attnzoo.kernels.gla``.
 
 Patterns: ``causal_self`` (constant-size cache: the (B, H, K, V) state plus the convolution inputs) and
 ``noncausal_self`` as a bidirectional layer: the forward scan plus a scan over the reversed sequence, summed before the

@@ -8,7 +8,7 @@ with the sums over j <= i for causal patterns (streaming: S_t = S_{t-1} + phi(k_
 over all keys otherwise. No 1/sqrt(D) scale (the paper's form; a scale on q would cancel in the ratio except against
 eps). Defaults: eps = 1e-6 (paper / fast-transformers), projections with bias as fast-transformers' AttentionLayer
 (``nn.Linear`` defaults). Padded keys get zero features, so they leave both S and z untouched. The math runs through
-:func:`attnzoo.kernels.linear_attn` (chunked on CPU, O(T) time and memory). Math: specs/attention.md §7.5.
+:func:`attnzoo.kernels.linear_attn` (chunked on CPU, O(T) time and memory).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Parameter names and initialisation are mamba_ssm's (mamba_ssm/modules/mamba_simp
 mamba_simple's (d_state 16, d_conv 4, expand 2, dt_rank ceil(dim / 16)). mamba_ssm's model-level init re-draws
 out_proj (kaiming-uniform, divided by sqrt(residuals per layer * layers)); :meth:`Mamba.rescale_out_proj` does that
 for a backbone that wants it. Mamba has no heads: ``num_heads`` is accepted for the contract (dim % num_heads is still
-checked) and otherwise ignored. Math and pitfalls: specs/attention.md §6.
+checked) and otherwise ignored.
 
 Patterns: ``causal_self`` (the paper's layer; the cache holds mamba_ssm's conv_state (B, E, d_conv), the last d_conv
 pre-conv inputs oldest first, and ssm_state (B, E, N)); ``noncausal_self`` is bidirectional as Vim's "bimamba v2"

@@ -7,7 +7,7 @@ Structured State Space Duality", https://arxiv.org/abs/2405.21060
     out = out_proj( RMSNorm(y * SiLU(z)) )           (gated RMSNorm, norm after the gate, over groups of E / G)
 
 The scan is ``attnzoo.kernels.simple_gla`` with q = C, k = B, v = dt * x, g = dt * A, scale = 1 — SSD is GLA with
-one scalar data-dependent decay per head (specs/attention.md §6); the state is kept as (B, H, N, P) (mamba_ssm keeps
+one scalar data-dependent decay per head; the state is kept as (B, H, N, P) (mamba_ssm keeps
 (B, H, P, N)).
 
 Defaults, parameter names (``in_proj conv1d dt_bias A_log D norm.weight out_proj``) and initialisation follow

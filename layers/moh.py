@@ -14,7 +14,7 @@ The head outputs are weighted, not averaged ("weighted summation of heads"), per
 
 The count scalings make zero routers give all-one gates, so MoH with k = E and zero routers is exactly multi-head
 attention. ``aux_loss = lb_coeff * L_b`` in training (lb_coeff 0.01: MoH-ViT engine.py), statistics over the
-non-padded query tokens; None in eval. Math, pitfalls and properties: specs/attention.md §4.
+non-padded query tokens; None in eval.
 
 Routers (``router=``):
 

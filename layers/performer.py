@@ -13,7 +13,6 @@ Softmax attention is approximated by positive orthogonal random features (eq. 7,
 Defaults and their sources: nb_features 256 (the paper's and the official JAX ``make_fast_softmax_attention``; the
 yaml keeps it), ortho_scaling 0 (chi-distributed row norms, both official codes), feature_redraw_interval 1000,
 feature_eps 1e-4 for softmax and 1e-3 for relu (performer-pytorch), denom_eps 1e-6 (JAX numerical_stabilizer).
-Math, pitfalls and testable properties: specs/attention.md §1.
 
 Deliberate differences from performer-pytorch 1.1.4 (each one option away; ``official_favor_options`` and
 ``Performer.from_official`` select the official behaviour, which the golden tests reproduce to 1e-10):
@@ -77,7 +76,7 @@ def orthogonal_random_features(
         head_dim: D, the head dimension (columns).
         scaling: 0 (chi norms) or 1 (sqrt(D)), performer-pytorch's ``ortho_scaling``.
         sign_correct: multiply Q's columns by sign(diag R) so the blocks are Haar-distributed (QR's sign convention
-            otherwise fixes the sign pattern of R and biases Q; specs/attention.md §1 "Pitfall").
+            otherwise fixes the sign pattern of R and biases Q).
         generator: torch RNG to draw from (the global one if None).
         dtype: dtype of the result (drawn and orthogonalised in float64).
         device: device of the result (drawn on the CPU).

@@ -4,7 +4,7 @@ Every token mixer in attnzoo subclasses :class:`Attention`, declares the attenti
 the CAB benchmark) and registers itself under a name with :func:`register_attention`. Backbones, configs and tests only
 ever go through :func:`build_attention`, so a newly registered layer is usable and tested everywhere at once.
 
-The contract, in full (DESIGN.md, "The attention contract"):
+The contract, in full:
 
 * ``forward(x, *, context=None, padding_mask=None, cache=None)``: ``x`` (B, T, dim) -> (B, T, dim). ``context``
   (B, S, dim) for cross patterns. ``padding_mask`` is a bool mask over the keys/values, True = real token: (B, S) for

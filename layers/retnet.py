@@ -1,7 +1,7 @@
 """Multi-scale retention (RetNet) — Sun et al. 2023, "Retentive Network: A Successor to Transformer for Large
 Language Models", https://arxiv.org/abs/2307.08621
 
-Per head h with a fixed decay gamma_h = 1 - 2^(-5-h), h = 0 .. H-1 (not learned; specs/attention.md §7.3):
+Per head h with a fixed decay gamma_h = 1 - 2^(-5-h), h = 0 .. H-1 (not learned):
 
     parallel:   O = (Q K^T * D) V,   D[n, m] = gamma^(n-m) if n >= m else 0,   Q scaled by K^-1/2
     recurrent:  S_n = gamma S_{n-1} + k_n^T v_n,   o_n = K^-1/2 q_n S_n

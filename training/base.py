@@ -1,7 +1,7 @@
 """The shared base of attnzoo's LightningModules: model from configs, AdamW groups, warmup + cosine, aux losses.
 
 Tasks receive CONFIGS (plain dicts), never modules, and call ``save_hyperparameters()``, so
-``Task.load_from_checkpoint(path)`` rebuilds the exact model (DESIGN.md, "Configs and training"). Subclasses
+``Task.load_from_checkpoint(path)`` rebuilds the exact model. Subclasses
 implement ``step(batch, stage) -> loss`` and log their own metrics; the base adds the model's auxiliary losses
 (MoH's load balance, summed over layers as ``model.aux_loss``) and logs ``train/aux_loss`` and, when attention layers
 expose ``head_usage`` (fraction of heads a token used in the last forward), ``train/head_usage`` (their mean).

@@ -6,7 +6,7 @@ https://arxiv.org/abs/2312.06635. Per batch and head, with g the log forget gate
     S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,     o_t = scale * q_t S_t
 
 ``gla`` takes one gate per key channel, g (B, T, H, K); ``simple_gla`` one scalar per head and step, g (B, T, H): the
-decay of RetNet (constant) and Mamba-2 / SSD (data-dependent), specs/attention.md §6, §7.3. Both share one
+decay of RetNet (constant) and Mamba-2 / SSD (data-dependent). Both share one
 implementation (the scalar gate broadcasts over K, with a cheaper (C, C) decay matrix in the chunked form).
 
 Backends: ``reference`` (token-by-token recurrence, the oracle), ``torch`` (chunked, the CPU path), ``triton`` (CUDA,

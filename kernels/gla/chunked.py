@@ -7,7 +7,7 @@ S_n = state at the chunk start, q already scaled. With g <= 0 every exponent bel
     output: o = A v + (q ⊙ exp(b)) S_n
     state:  S_{n+1} = diag(exp(b_last)) S_n + (k ⊙ exp(b_last - b))^T v
 
-Intra-chunk decays without overflow (specs/attention.md §3 "Numerical stability"). exp(b_i) exp(-b_j) is only formed
+Intra-chunk decays without overflow. exp(b_i) exp(-b_j) is only formed
 inside a block whose decay span is bounded: aligned c-row blocks whose sum of |g| is at most FACTOR_BOUND = 40 are
 factored around the row before the block, exp(b_i - b_f) exp(b_f - b_j), each factor in [e^-40, e^40] (a plain
 matmul). c is the largest power of two for which this holds in every block (checked per call): c = C for FLA-style

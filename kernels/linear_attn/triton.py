@@ -14,8 +14,8 @@ Causal forward is that with everything on. The backward reuses it (no other kern
 
 Non-causal uses the state-only pass (S = h0 + k^T v) and the output-only pass (o = q S), and their transposes for the
 backward. ``REVERSE`` maps position p to T - 1 - p in every load and store, so no flipped copies are made; transposed
-states are passed as strided views. ``import triton`` happens only in this module (DESIGN.md); on this CPU-only machine
-the kernels are tested under ``TRITON_INTERPRET=1`` against the reference.
+states are passed as strided views. ``import triton`` happens only in this module, so the package imports without
+triton; on a machine without CUDA the kernels are tested under ``TRITON_INTERPRET=1`` against the reference.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Chunked selective scan in torch: the CPU path, with a hand-written backward.
 
-Per channel e and state n the scan is a diagonal linear recurrence (a GLA recurrence with d_k = N, d_v = 1,
-specs/attention.md §6):
+Per channel e and state n the scan is a diagonal linear recurrence (a GLA recurrence with d_k = N, d_v = 1):
 
     h_t = a_t h_{t-1} + x_t,     a_t = exp(delta_t A),     x_t = delta_t u_t B_t,     y_t = h_t · C_t.
 
