@@ -1,4 +1,4 @@
-"""Agent attention properties (specs/attention.md §5): the composition identity, identity pooling, row-stochasticity,
+"""Agent attention properties (Han et al. 2024): the composition identity, identity pooling, row-stochasticity,
 a single agent, bias tables at their native size, grids (non-square, resized), padding, cross, and causal raising."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""cosFormer's own properties (specs/attention.md §2, "Testable properties"); the contract is in test_contract.py."""
+"""cosFormer's own properties (Qin et al. 2022); the contract is in test_contract.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gated softmax attention (specs/attention.md §7.1): a zero gate halves standard attention before the output
+"""Gated softmax attention (Qiu et al. 2025): a zero gate halves standard attention before the output
 projection, a large positive gate bias gives standard attention, the gate is per head (and per channel)."""
 
 from __future__ import annotations

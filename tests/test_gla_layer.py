@@ -1,4 +1,4 @@
-"""Properties of the ``gla`` layer (specs/attention.md §3) beyond the registry-wide contract tests.
+"""Properties of the ``gla`` layer (Yang et al. 2023) beyond the registry-wide contract tests.
 
 The layer's scan runs through ``attnzoo.kernels.gla``; the oracle here is an independent token-by-token recurrence
 written from the paper's equations, driven by the layer's own projections.

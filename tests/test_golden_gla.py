@@ -1,6 +1,6 @@
 """Golden vectors for the GLA ops: FLA 0.6.0's naive recurrences (``naive_recurrent_gla``,
 ``naive_recurrent_simple_gla``) on saved float32 inputs, replayed through ``attnzoo.kernels.gla`` / ``simple_gla``
-with the saved initial state (see /work/shared/golden/GOLDEN.md, section gla.pt)."""
+with the saved initial state (tests/golden/GOLDEN.md, section gla.pt, says how they were made)."""
 
 from __future__ import annotations
 

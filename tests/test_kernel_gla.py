@@ -1,6 +1,6 @@
 """attnzoo.kernels.gla / simple_gla: every backend against the token-by-token reference (FLA's tests/ops/test_gla.py
 style: output, final state and every gradient including the initial state's, a named relative-RMS assert_close, odd
-sizes, T not a multiple of the chunk), plus the properties of specs/attention.md §3."""
+sizes, T not a multiple of the chunk), plus GLA's own properties."""
 
 from __future__ import annotations
 

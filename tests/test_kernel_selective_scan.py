@@ -1,7 +1,7 @@
 """selective_scan: the chunked torch form (and Triton under TRITON_INTERPRET=1) against the sequential reference.
 
 Follows FLA's kernel tests: ``ref`` vs ``got`` for the output, the last state and every gradient (u, delta, A, B, C, D,
-z, delta_bias, initial_state), odd sizes, fixed seeds. Properties from specs/attention.md §6.
+z, delta_bias, initial_state), odd sizes, fixed seeds. Plus the selective scan's own properties (Gu & Dao 2023).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Property tests of the linear-attention family from specs/attention.md §7.2 and §7.5: linear (elu+1), based
+"""Property tests of the linear-attention family: linear (elu+1), based
 (Taylor) and sliding_window (exact local softmax). The registry-wide contract lives in test_contract.py."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from attnzoo.layers.linear import elu_feature_map
 from attnzoo.models import GPT
 
 DIM, HEADS = 32, 4
-F64 = dict(atol=1e-10, rtol=1e-10)  # "exact identity" tolerances of specs/attention.md §0
+F64 = dict(atol=1e-10, rtol=1e-10)  # two algebraically identical forms in float64
 
 
 def layer(name, causal=True, cross=False, **options):

@@ -1,4 +1,4 @@
-"""mamba layer: the paper's properties (specs/attention.md §6) beyond the registry-wide contract tests."""
+"""mamba layer: the paper's properties (Gu & Dao 2023) beyond the registry-wide contract tests."""
 
 from __future__ import annotations
 

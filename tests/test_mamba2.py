@@ -1,4 +1,4 @@
-"""Properties of the ``mamba2`` layer (specs/attention.md §6, Mamba-2 / SSD) beyond the registry-wide contract tests.
+"""Properties of the ``mamba2`` layer (Mamba-2 / SSD, Dao & Gu 2024) beyond the registry-wide contract tests.
 
 The oracle is the per-step SSM recurrence written here from mamba_ssm's equations (its own convolution through
 ``F.conv1d(padding=d_conv-1)``, its own gated RMSNorm), driven by the layer's parameters; the layer runs the chunked

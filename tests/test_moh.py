@@ -1,4 +1,4 @@
-"""MoH properties (specs/attention.md §4): zero routers with k = E is multi-head attention, exactly k routed heads
+"""MoH properties (Jin et al. 2024): zero routers with k = E is multi-head attention, exactly k routed heads
 per token, gate sums, load-balance loss, causality, the query_norm router and the constructor's errors."""
 
 from __future__ import annotations

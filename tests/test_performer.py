@@ -1,4 +1,4 @@
-"""Performer's own properties (specs/attention.md §1, "Testable properties"); the contract is in test_contract.py."""
+"""Performer's own properties (Choromanski et al. 2021); the contract is in test_contract.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Properties of the ``retnet`` layer (specs/attention.md §7.3) beyond the registry-wide contract tests.
+"""Properties of the ``retnet`` layer (Sun et al. 2023) beyond the registry-wide contract tests.
 
 The oracle is the paper's parallel form O = (Q K^T * D) V with D[n, m] = gamma^(n-m) [n >= m], built from the
 layer's own projections and rotary embedding; the layer itself runs the chunked ``simple_gla`` kernel.
