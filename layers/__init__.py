@@ -37,6 +37,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     gated_softmax,
     gla,
     hgrn2,
+    lightning,
     linear,
     mamba,
     mamba2,
