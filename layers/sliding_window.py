@@ -124,4 +124,5 @@ class SlidingWindowAttention(Attention):
         return SlidingWindowCache(batch_size, self.window)
 
     def state_size(self, seq_len: int) -> int:
-        return 2 * self.window * self.dim  # keys and values of the last `window` positions, every head
+        # keys and values of the last `window` positions (fewer before the window has filled), every head
+        return 2 * min(seq_len, self.window) * self.dim
