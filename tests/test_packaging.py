@@ -1,10 +1,12 @@
 """The installable package: the wheel carries every config, the console script is declared and reads the packaged
 configs, a registered attention without its defaults file is an error, optional dependencies fail with the extra to
-install. (``.ci/wheel`` installs the wheel into a clean venv and trains with it; that is too slow for this suite.)"""
+install, docs/benchmarks.md shows a figure for every table. (``.ci/wheel`` installs the wheel into a clean venv and
+trains with it; that is too slow for this suite.)"""
 
 from __future__ import annotations
 
 import importlib
+import re
 import shutil
 import subprocess
 import sys
@@ -136,3 +138,27 @@ def test_every_extra_named_by_require_exists():
     for package, extra in EXTRAS.values():
         declared = " ".join(extras[extra]).lower()
         assert package in declared or f"attnzoo[{extra}" in declared, (package, extra)
+
+
+def test_benchmark_doc_has_a_figure_per_table_and_every_figure_exists():
+    doc = (REPO / "docs" / "benchmarks.md").read_text()
+    for section in doc.split("\n## ")[1:]:
+        tables = section.count("\n|---")
+        images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section)
+        assert len(images) >= tables, f"section {section.splitlines()[0]!r}: {tables} tables, {len(images)} figures"
+    for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", doc):
+        assert (REPO / "docs" / target).is_file(), f"docs/benchmarks.md shows {target}, which does not exist"
+
+
+def test_plot_script_finds_every_table_it_draws():
+    """scripts/plot_benchmarks.py reads its tables from docs/benchmarks.md: each is still there, with its columns."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        plot_benchmarks = importlib.import_module("plot_benchmarks")
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    text = plot_benchmarks.DOC.read_text()
+    for figure in plot_benchmarks.FIGURES:
+        rows = plot_benchmarks.section_tables(text, figure.section)[figure.table]
+        assert rows and all(column in rows[0] for column in (*figure.labels, *figure.values)), figure.name
+        assert all(plot_benchmarks.number(row[column]) > 0 for row in rows for column in figure.values)
