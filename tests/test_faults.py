@@ -1,4 +1,4 @@
-"""Faults during training (issue 8): atomic checkpoint writes, SIGTERM/SIGINT checkpoint-and-exit, kill -9 resume,
+"""Faults during training: atomic checkpoint writes, SIGTERM/SIGINT checkpoint-and-exit, kill -9 resume,
 corrupted/incompatible checkpoints, the NaN/inf guard, weights_only loading and the safetensors export.
 
 The unit tests run in-process; the fault drills run ``python train.py`` in real subprocesses (slow-marked, each
@@ -20,6 +20,7 @@ import torch
 from omegaconf import open_dict
 
 from attnzoo.models import GPT, load_weights
+from attnzoo.models.io import CheckpointError, atomic_torch_save, load_checkpoint
 from attnzoo.training import faults, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def _wait_for_step(proc: subprocess.Popen, last: Path, min_step: int, timeout: f
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before the fault (status {proc.returncode}):\n{proc.stdout.read()}")
         if last.is_file():
-            step = faults.read_checkpoint(last)["global_step"]  # atomic writes: never a partial file here
+            step = load_checkpoint(last)["global_step"]  # atomic writes: never a partial file here
             if step >= min_step:
                 return step
         time.sleep(0.2)
@@ -83,7 +84,7 @@ def _wait_for_step(proc: subprocess.Popen, last: Path, min_step: int, timeout: f
 
 
 def _step(path: Path) -> int:
-    return int(faults.read_checkpoint(path)["global_step"])
+    return int(load_checkpoint(path)["global_step"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def _step(path: Path) -> int:
 
 def test_atomic_save_failure_leaves_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "checkpoints" / "last.ckpt"
-    faults.atomic_torch_save({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, target)
+    atomic_torch_save({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, target)
 
     real_save = torch.save
 
@@ -102,11 +103,11 @@ def test_atomic_save_failure_leaves_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(OSError, match="simulated"):
-        faults.atomic_torch_save({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, target)
+        atomic_torch_save({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, target)
     monkeypatch.setattr(torch, "save", real_save)
 
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temp file left over
-    assert faults.read_checkpoint(target)["global_step"] == 1  # the previous checkpoint, intact
+    assert load_checkpoint(target)["global_step"] == 1  # the previous checkpoint, intact
 
 
 def test_checkpoint_io_is_atomic_and_weights_only(tmp_path, monkeypatch):
@@ -120,26 +121,26 @@ def test_checkpoint_io_is_atomic_and_weights_only(tmp_path, monkeypatch):
             return (print, ("code ran",))
 
     torch.save({"state_dict": {}, "evil": Payload()}, tmp_path / "evil.ckpt")
-    with pytest.raises(faults.CheckpointError, match="would run code"):
+    with pytest.raises(CheckpointError, match="would run code"):
         io.load_checkpoint(tmp_path / "evil.ckpt", weights_only=False)  # weights_only cannot be switched off
 
 
 def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
     good = tmp_path / "good.ckpt"
-    faults.atomic_torch_save({"state_dict": {"w": torch.randn(64, 64)}, "global_step": 3}, good)
+    atomic_torch_save({"state_dict": {"w": torch.randn(64, 64)}, "global_step": 3}, good)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(faults.CheckpointError) as err:
-        faults.read_checkpoint(truncated)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(truncated)
     message = str(err.value)
     assert str(truncated) in message and "truncated or corrupted" in message and "best-*.ckpt" in message
 
     weights = tmp_path / "weights.pt"
     torch.save({"w": torch.ones(2)}, weights)
-    with pytest.raises(faults.CheckpointError, match="not a Lightning training checkpoint"):
-        faults.read_checkpoint(weights)
-    with pytest.raises(faults.CheckpointError, match="no checkpoint at"):
-        faults.read_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match="not a Lightning training checkpoint"):
+        load_checkpoint(weights)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.ckpt")
 
 
 def test_run_resume_checks_and_safetensors_export(cfg_train, tmp_path):
@@ -157,7 +158,7 @@ def test_run_resume_checks_and_safetensors_export(cfg_train, tmp_path):
     model_cfg = {k: v for k, v in checkpoint["hyper_parameters"]["model"].items() if k != "name"}
     model = load_weights(GPT(**model_cfg), tmp_path / "model.safetensors")
     best = next((tmp_path / "checkpoints").glob("best-*.ckpt"))
-    best_state = faults.read_checkpoint(best)["state_dict"]
+    best_state = load_checkpoint(best)["state_dict"]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, best_state[f"model.{name}"], rtol=0, atol=0)
 
@@ -193,7 +194,7 @@ def test_nan_guard_stops_before_the_update(cfg_train, tmp_path):
     assert "learning rate is too high" in message and "precision=32-true, so not reduced precision" in message
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert str(last) in message
-    checkpoint = faults.read_checkpoint(last)
+    checkpoint = load_checkpoint(last)
     assert checkpoint["global_step"] == 2  # the last good one, not overwritten after the NaN
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
     assert not (tmp_path / "summary.json").exists()

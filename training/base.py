@@ -37,6 +37,9 @@ def build_model(model_cfg: dict[str, Any]) -> nn.Module:
 class BaseTask(L.LightningModule):
     """Model + optimizer + schedule from configs; subclasses define ``step``."""
 
+    # read by Lightning's ThroughputMonitor (FLOPs/s and MFU); not known for an arbitrary attention: not reported
+    flops_per_batch: int | None = None
+
     def __init__(
         self,
         model: dict[str, Any],

@@ -1,16 +1,19 @@
 """Surviving faults during training: atomic checkpoints, checkpoint-and-exit on signals, a non-finite loss guard,
-safe resume checks, and the safetensors export of a run (issue 8).
+safe resume checks, and the safetensors export of a run.
 
-What each piece guarantees (README.md, "Reliability", lists the tests):
+Lightning does most of it; this module adds only what Lightning does not do (each class says why):
 
-- ``AtomicCheckpointIO`` (always in the trainer ``run(cfg)`` builds): a checkpoint is written to a temporary file in the
-  target directory, fsynced, then ``os.replace``d over the target, so a crash or ``kill -9`` during a save leaves the
-  previous ``last.ckpt`` intact, never a truncated one. Loading is always ``torch.load(weights_only=True)`` (no code
-  runs from the file) and an unreadable file raises :class:`CheckpointError` naming the file, the problem and the fix.
-- ``SignalCheckpoint``: SIGTERM (cluster pre-emption, ``kill``) or SIGINT (Ctrl-C) is recorded; at the next training
-  batch end the run writes ``checkpoints/last.ckpt`` with the exact step and stops at once (no validation, no test),
-  and ``run`` exits with status 0 and a message saying how to resume. A second SIGINT interrupts at once
-  (Lightning's KeyboardInterrupt path, status 1).
+- ``AtomicCheckpointIO`` (always in the trainer ``run(cfg)`` builds): Lightning's ``TorchCheckpointIO`` writes through
+  an fsspec transaction whose temporary file sits in the system temp directory and is moved over the target without
+  an fsync (a copy, not a rename, when that directory is on another file system), so a crash can leave a partial or
+  unwritten ``last.ckpt``. Here the temporary file is written next to the target, fsynced and ``os.replace``d
+  (``attnzoo.models.io.atomic_torch_save``); reads are ``weights_only=True`` with clear errors
+  (``attnzoo.models.io.load_checkpoint``).
+- ``SignalCheckpoint``: Lightning records SIGTERM (and forwards it to DDP worker processes) and stops the loop with
+  ``SIGTERMException``, calling every callback's ``on_exception``; this callback makes every rank stop at the same
+  training batch end, writes ``checkpoints/last.ckpt`` there (Lightning saves nothing on SIGTERM outside SLURM
+  auto-requeue) and routes the first SIGINT (Ctrl-C) into the same path. ``run`` then exits with status 0 and a
+  message saying how to resume. A second SIGINT interrupts at once (Lightning's KeyboardInterrupt path, status 1).
 - ``StepCheckpoint`` (``last_checkpoint`` in ``configs/callbacks/default.yaml``) writes ``last.ckpt`` every N optimizer
   steps, bounding what ``kill -9`` loses to the N steps since the last save.
 - ``NonFiniteLossGuard``: a NaN/inf training loss is caught BEFORE its backward pass, so no non-finite gradient ever
@@ -33,30 +36,20 @@ import json
 import logging
 import os
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
+
+from attnzoo.models.io import CheckpointError, atomic_torch_save, load_checkpoint
 
 log = logging.getLogger(__name__)
 
 RESUME_HINT = "resume with: python train.py <the same overrides> ckpt_path={path}"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: the message names the file, what is wrong and what to do."""
-
-
-class StoppedBySignal(Exception):
-    """Raised by :class:`SignalCheckpoint` after ``last.ckpt`` is written; ``run`` returns normally (exit status 0).
-
-    An exception rather than ``trainer.should_stop``: a requested stop makes Lightning run validation and finish the
-    epoch first, which costs time a pre-empted job may not have and marks the epoch done in the saved loop state.
-    """
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,88 +57,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# atomic checkpoint files
-
-
-def _fsync_dir(directory: Path) -> None:
-    # the rename itself is only durable once the directory entry is on disk (POSIX); not possible on Windows
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` that never leaves a partial ``path``: temp file in the same directory, fsync, replace.
-
-    Args:
-        obj: anything ``torch.save`` accepts (a checkpoint dict).
-        path: the target file; its directory is created if missing.
-
-    The temporary file lives in the target's directory so ``os.replace`` is a rename within one file system (atomic
-    on POSIX and Windows); on any failure it is removed and the previous ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True``; bad files raise :class:`CheckpointError`.
-
-    Args:
-        path: the ``.ckpt`` file.
-        map_location: passed to ``torch.load`` (default: CPU).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; runs write checkpoints/last.ckpt and best-*.ckpt.")
-    size = path.stat().st_size
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, random bytes, or a pickle that needs arbitrary code to load
-        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            what = "it contains Python objects that are not plain tensors/containers, so loading it would run code"
-            fix = "re-save it from trusted code as a state dict, or load only trusted files with torch.load yourself"
-        else:
-            what = f"the file ({size} bytes) is truncated or corrupted"
-            fix = (
-                "resume from another checkpoint (checkpoints/best-*.ckpt, or an older copy); attnzoo writes "
-                "checkpoints atomically, so a partial file comes from a copy or a disk that failed"
-            )
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {what} ({type(err).__name__}: {first}). Fix: {fix}."
-        ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        got = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(
-            f"{path} is not a Lightning training checkpoint (no 'state_dict'; got {got}). A weights file "
-            f"(model.safetensors) loads with attnzoo.models.load_weights, not with ckpt_path=."
-        )
-    return checkpoint
+# checkpoint files
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O: atomic writes (:func:`atomic_torch_save`), ``weights_only=True`` reads with clear
-    errors (:func:`read_checkpoint`)."""
+    """Lightning checkpoint I/O with attnzoo's one writer and reader (``attnzoo.models.io``): atomic, fsynced writes
+    next to the target (Lightning's own moves an unsynced temp file from the system temp directory), and
+    ``weights_only=True`` reads with clear errors."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -157,7 +75,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = True) -> dict[str, Any]:
         if weights_only is False:
             log.warning("AtomicCheckpointIO loads %s with weights_only=True regardless (no code execution)", path)
-        return read_checkpoint(path, map_location=map_location or "cpu")
+        return load_checkpoint(path, map_location=map_location or "cpu")
 
 
 def trainer_plugins() -> list[Any]:
@@ -172,7 +90,7 @@ def check_resume_checkpoint(path: str | os.PathLike, task: nn.Module) -> None:
         path: the ``ckpt_path`` a run will resume from.
         task: the freshly built LightningModule of this configuration.
     """
-    checkpoint = read_checkpoint(path)
+    checkpoint = load_checkpoint(path)
     saved = checkpoint["state_dict"]
     own = task.state_dict()
     missing = sorted(set(own) - set(saved))
@@ -226,11 +144,15 @@ def _agree(trainer: L.Trainer, flag: bool) -> bool:
 
 
 class SignalCheckpoint(L.Callback):
-    """SIGTERM/SIGINT -> ``last.ckpt`` at the next training batch end, then :class:`StoppedBySignal`.
+    """SIGTERM/SIGINT -> ``last.ckpt`` at the next training batch end, then the run stops (exit status 0).
 
-    The handler only records the signal (saving inside a signal handler could interleave with a running optimizer
-    step); ``on_train_batch_end`` acts on it, so the checkpoint holds a consistent state with the exact step count.
-    Under DDP the ranks agree first (any rank signalled -> all save and stop together).
+    Lightning's own SIGTERM handler records the signal (and forwards it to DDP worker processes); Lightning then
+    raises ``SIGTERMException`` and calls ``on_exception``, where this callback writes the checkpoint. Two additions:
+    the first SIGINT is re-raised as SIGTERM (Lightning turns SIGINT into a ``KeyboardInterrupt`` wherever the process
+    is, possibly inside an optimizer step, and exits with status 1 without a checkpoint); and at every training batch
+    end the ranks agree (any rank signalled -> all stop), because Lightning's own check is per rank and ranks that
+    receive the signal a moment apart would stop at different batches and leave the others waiting in a collective.
+    Stopping at a batch end (not after validation) keeps the state consistent and the exact step in the checkpoint.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt") -> None:
@@ -242,45 +164,47 @@ class SignalCheckpoint(L.Callback):
         """
         self.dirpath = dirpath
         self.filename = filename
-        self.received: int | None = None
+        self.interrupted = False  # a first SIGINT was received (re-raised as SIGTERM)
         self.saved_path: Path | None = None
         self.saved_step: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._previous_sigint: Any = None
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.received is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signum
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (Lightning's path, status 1)
+        self.interrupted = True
+        signal.raise_signal(signal.SIGTERM)  # Lightning's handler records it
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # installed after Lightning's own SIGTERM connector, so this recorder is the one that runs
-        self.received = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): keep the defaults
-                log.warning("SignalCheckpoint: cannot install a %s handler outside the main thread", signum)
+        self.interrupted, self.saved_path, self.saved_step = False, None, None
+        try:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread (e.g. a notebook worker): keep the default
+            log.warning("SignalCheckpoint: cannot install a SIGINT handler outside the main thread")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for signum, handler in self._previous.items():
+        if self._previous_sigint is not None:
             with contextlib.suppress(ValueError):  # not the main thread: nothing was installed
-                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._previous = {}
+                signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int):
-        if not _agree(trainer, self.received is not None) or self.saved_path is not None:
+        if _agree(trainer, trainer.received_sigterm):
+            raise SIGTERMException()  # every rank, at this same batch end; on_exception saves
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or self.saved_path is not None:
             return
         path = _checkpoint_path(trainer, self.dirpath, self.filename)
         trainer.save_checkpoint(path)  # collective under DDP; rank 0 writes (atomically, AtomicCheckpointIO)
         self.saved_path, self.saved_step = path, trainer.global_step
-        name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
+        name = "SIGINT" if self.interrupted else "SIGTERM"
         if trainer.is_global_zero:
             print(
                 f"attnzoo: received {name}; saved {path} at step {trainer.global_step} and stopped. "
                 + RESUME_HINT.format(path=path),
                 flush=True,
             )
-        raise StoppedBySignal(f"stopped by {name} at step {trainer.global_step}; {RESUME_HINT.format(path=path)}")
 
 
 class StepCheckpoint(L.Callback):
@@ -317,7 +241,12 @@ class StepCheckpoint(L.Callback):
 
 
 class NonFiniteLossGuard(L.Callback):
-    """Stop on a NaN/inf training loss before its backward pass (weights and checkpoints stay finite)."""
+    """Stop on a NaN/inf training loss before its backward pass (weights and checkpoints stay finite).
+
+    Lightning has no per-step guard: ``EarlyStopping(check_finite=True)`` reacts to a monitored metric at validation,
+    after the non-finite updates and step checkpoints, and ``Trainer(detect_anomaly=True)`` is autograd's anomaly mode
+    (a slower backward that raises inside it, with no cause named).
+    """
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         bad = not bool(torch.isfinite(loss.detach()).all())

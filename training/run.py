@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import attnzoo.configs
@@ -204,7 +205,7 @@ def run(cfg: DictConfig) -> float | None:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     except faults.NonFiniteLossError as err:
         raise SystemExit(f"attnzoo: training stopped: {err}") from None
-    except faults.StoppedBySignal:
+    except SIGTERMException:
         return None  # SIGTERM/SIGINT: last.ckpt is written and the resume command printed; exit status 0
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
