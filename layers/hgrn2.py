@@ -1,7 +1,8 @@
 """HGRN2 — Qin et al. 2024, "HGRN2: Gated Linear RNNs with State Expansion", https://arxiv.org/abs/2404.07904
 
 HGRN's element-wise gated recurrence with its hidden state expanded by an outer product, which makes it a gated
-linear attention whose key is tied to the forget gate (the paper's Eq. 4). Per head, with f_t the forget gate:
+linear attention whose key is tied to the forget gate (the paper's view of HGRN2 as a GLA). Per head, with f_t the
+forget gate:
 
     f_t = lower_bound + (1 - lower_bound) * sigmoid(W_f x_t)          (per channel, in (0, 1); float32)
     S_t = diag(f_t) S_{t-1} + (1 - f_t)^T i_t,     i_t = W_i x_t           (input gate tied: k_t = 1 - f_t)
@@ -20,7 +21,7 @@ here the backbone sets ``num_heads``, and ``expand_ratio=None`` takes the head w
 dimension per head, the same square state. Initialisation is FLA's ``HGRN2PreTrainedModel._init_weights``: Linear
 and Conv1d weights N(0, 0.02), biases zero.
 
-Lower bound. HGRN (and HGRN2, §3) bound each layer's forget gate from below, with bounds that grow with depth: the
+Lower bound. HGRN (and HGRN2 after it) bound each layer's forget gate from below, with bounds that grow with depth: the
 FLA model (``HGRN2Model``, ``use_lower_bound=True``) learns a (num_layers, D) table, takes its softmax over the layer
 axis and a cumulative sum, minus the first row, so layer 0 has bound 0 and the bounds increase monotonically towards
 1 with depth; the layer receives its row as the ``lower_bound`` argument of ``forward``. This layer takes that

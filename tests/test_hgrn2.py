@@ -1,7 +1,7 @@
 """Properties of the ``hgrn2`` layer beyond the registry-wide contract tests.
 
-The oracle is a token-by-token float64 recurrence of the whole layer written from the paper's equations (HGRN2 Eq. 4:
-h_t = diag(f_t) h_{t-1} + (1 - f_t)^T i_t, o_t = q_t h_t) and the raw weights; the layer runs the chunked ``gla``
+The oracle is a token-by-token float64 recurrence of the whole layer written from the paper's equations,
+h_t = diag(f_t) h_{t-1} + (1 - f_t)^T i_t and o_t = q_t h_t, and the raw weights; the layer runs the chunked ``gla``
 kernel.
 """
 
