@@ -130,8 +130,12 @@ class DeltaRuleAttention(Attention):
     # per-token quantities
 
     def write_strength(self, x: Tensor) -> Tensor:
-        """(B, T, D) -> (B, T, H) beta_t = sigmoid(b_proj x_t) in float32 at least (times 2 with allow_neg_eigval)."""
-        beta = torch.sigmoid(float32_at_least(self.b_proj(x)))
+        """(B, T, D) -> (B, T, H) beta_t = sigmoid(b_proj x_t) in float32 at least, or 1 without ``b_proj`` (FLA's
+        use_beta=False); times 2 with allow_neg_eigval."""
+        if self.b_proj is None:
+            beta = x.new_ones(*x.shape[:2], self.num_heads, dtype=float32_at_least(x).dtype)
+        else:
+            beta = torch.sigmoid(float32_at_least(self.b_proj(x)))
         return beta * 2.0 if self.allow_neg_eigval else beta
 
     def log_decay(self, x: Tensor) -> Tensor | None:
@@ -289,9 +293,3 @@ class DeltaNet(DeltaRuleAttention):
             backend=backend,
         )
         init_fla_(self)
-
-    def write_strength(self, x: Tensor) -> Tensor:
-        if self.b_proj is None:  # FLA: beta = 1 (times 2 with allow_neg_eigval)
-            beta = x.new_ones(*x.shape[:2], self.num_heads, dtype=float32_at_least(x).dtype)
-            return beta * 2.0 if self.allow_neg_eigval else beta
-        return super().write_strength(x)
