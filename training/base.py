@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from attnzoo.training.optim import build_optimizer, warmup_cosine
 
+STAGES = ("train", "val", "test")  # the stages a task logs metrics for, as ``<stage>/<name>``
 DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}
 DEFAULT_SCHEDULER = {"name": "warmup_cosine", "warmup_steps": 100, "min_lr_ratio": 0.1}
 

@@ -3,18 +3,19 @@ ListOps or other token sequences).
 
 Batches are dicts of ``inputs`` (images (B, C, H, W) float, or token ids (B, T) long), ``labels`` (B,) long and an
 optional ``padding_mask`` (B, T) bool (True = real token) that is passed to the model only when present. Metrics are
-logged as ``<stage>/loss``, ``<stage>/acc`` and ``<stage>/top{k}_acc``; the base task adds auxiliary losses (MoH).
+logged as ``<stage>/loss``, ``<stage>/acc`` and ``<stage>/top{k}_acc`` (torchmetrics' ``MulticlassAccuracy``,
+micro-averaged over the epoch's examples); the base task adds auxiliary losses (MoH).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
 
-from attnzoo.training.base import BaseTask
+from attnzoo.training.base import STAGES, BaseTask
 
 
 class ClassificationTask(BaseTask):
@@ -41,8 +42,22 @@ class ClassificationTask(BaseTask):
             raise ValueError(f"ClassificationTask: top_k must be >= 1; got {top_k}.")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"ClassificationTask: label_smoothing must be in [0, 1); got {label_smoothing}.")
-        self.top_k = top_k
         self.label_smoothing = label_smoothing
+        num_classes = model.get("num_classes") or getattr(self.model, "num_classes", None)
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"ClassificationTask: the model config needs num_classes (a positive int; the data sets provide it "
+                f"through model_kwargs()); got {num_classes!r}. Set model.num_classes=<classes>."
+            )
+        self.top_k = min(top_k, num_classes)
+        # one metric object per stage: each accumulates over its epoch and is reset by Lightning after logging.
+        # validate_args=False: F.cross_entropy has already checked the labels.
+        self.stage_metrics = nn.ModuleDict()
+        for stage in STAGES:
+            self.stage_metrics[f"{stage}_acc"] = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+            self.stage_metrics[f"{stage}_topk_acc"] = MulticlassAccuracy(
+                num_classes, top_k=self.top_k, average="micro", validate_args=False
+            )
 
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         if padding_mask is None:
@@ -58,13 +73,12 @@ class ClassificationTask(BaseTask):
                 f"{tuple(labels.shape)}; got {tuple(logits.shape)}."
             )
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-        k = min(self.top_k, logits.shape[-1])
-        with torch.no_grad():
-            acc = (logits.argmax(-1) == labels).float().mean()
-            topk = (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).float().mean()
+        accuracy, topk = self.stage_metrics[f"{stage}_acc"], self.stage_metrics[f"{stage}_topk_acc"]
+        accuracy(logits.detach().argmax(-1), labels)  # this batch's value, and the epoch's state
+        topk(logits.detach(), labels)
         B = labels.shape[0]
-        kw = dict(batch_size=B, on_step=stage == "train", on_epoch=True, sync_dist=stage != "train")
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **kw)
-        self.log(f"{stage}/acc", acc, prog_bar=True, **kw)
-        self.log(f"{stage}/top{k}_acc", topk, **kw)
+        kw = dict(batch_size=B, on_step=stage == "train", on_epoch=True)
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, sync_dist=stage != "train", **kw)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True, **kw)
+        self.log(f"{stage}/top{self.top_k}_acc", topk, **kw)
         return self.add_aux_loss(loss, stage, B)

@@ -196,7 +196,7 @@ class SignalCheckpoint(L.Callback):
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or self.saved_path is not None:
             return
         path = _checkpoint_path(trainer, self.dirpath, self.filename)
-        trainer.save_checkpoint(path)  # collective under DDP; rank 0 writes (atomically, AtomicCheckpointIO)
+        trainer.save_checkpoint(path, weights_only=False)  # collective under DDP; rank 0 writes atomically
         self.saved_path, self.saved_step = path, trainer.global_step
         name = "SIGINT" if self.interrupted else "SIGTERM"
         if trainer.is_global_zero:
@@ -237,7 +237,7 @@ class StepCheckpoint(L.Callback):
         if self.every_n_train_steps <= 0 or trainer.sanity_checking or trainer.fast_dev_run:
             return
         if step > 0 and step % self.every_n_train_steps == 0:
-            trainer.save_checkpoint(_checkpoint_path(trainer, self.dirpath, self.filename))
+            trainer.save_checkpoint(_checkpoint_path(trainer, self.dirpath, self.filename), weights_only=False)
 
 
 class NonFiniteLossGuard(L.Callback):
