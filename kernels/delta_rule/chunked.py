@@ -22,6 +22,8 @@ however negative, overflows; with L2-normalised keys and beta in (0, 1) the entr
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,6 +60,123 @@ def _decays(b: Tensor | None, C: int, like: Tensor) -> tuple[Tensor, Tensor | No
     return D, b.exp(), (b[..., -1:] - b).exp()
 
 
+class _Parts(NamedTuple):
+    """What forward and backward share; the backward recomputes all of it from the saved inputs."""
+
+    D: Tensor  # (B, H, N, C, C) decay exp(b_i - b_j) for j <= i, else 0 (the causal mask of ones without a gate)
+    gamma: Tensor | None  # (B, H, N, C) exp(b), decay since the chunk start; None without a gate
+    delta: Tensor | None  # (B, H, N, C) exp(b_last - b), decay to the chunk end; None without a gate
+    KK: Tensor  # (B, H, N, C, C) K K^T
+    Tm: Tensor  # (B, H, N, C, C) (I + L)^{-1}
+    U: Tensor  # (B, H, N, C, V) T diag(beta) V
+    W: Tensor  # (B, H, N, C, K) T diag(beta ⊙ gamma) K
+    k_end: Tensor  # (B, H, N, C, K) K ⊙ delta: each key as seen at the chunk end
+    carry_in: Tensor  # (B, H, N, K, K) F_n = gamma_last I - k_end^T W
+
+
+def _parts(k: Tensor, v: Tensor, beta: Tensor, b: Tensor | None) -> _Parts:
+    C = k.shape[-2]
+    D, gamma, delta = _decays(b, C, k)
+    KK = k @ k.transpose(-1, -2)
+    eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    L = (KK * D * beta[..., None]).tril_(-1)
+    # (I + L)^{-1} by one batched triangular solve (unit diagonal: L is never read there)
+    Tm = torch.linalg.solve_triangular(L.add_(eye), eye.expand_as(L), upper=False, unitriangular=True)
+    U = Tm @ (v * beta[..., None])
+    k_beta = k * (beta if gamma is None else beta * gamma)[..., None]
+    W = Tm @ k_beta
+    k_end = k if delta is None else k * delta[..., None]
+    carry_in = k_end.transpose(-1, -2) @ W
+    carry_in.neg_().diagonal(dim1=-2, dim2=-1).add_(1.0 if gamma is None else gamma[..., -1:])
+    return _Parts(D, gamma, delta, KK, Tm, U, W, k_end, carry_in)
+
+
+def _scan(carry: Tensor, add: Tensor, first: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """x_{n+1} = carry_n x_n + add_n over the chunk axis (reverse: x_n = carry_n x_{n+1} + add_n, the transposed
+    carry given), one fused batched multiply-add per chunk -> (x at every chunk's start (B, H, N, K, V), the last)."""
+    N = carry.shape[2]
+    xs = add.new_empty(add.shape)
+    x = first
+    for i in range(N):
+        n = N - 1 - i if reverse else i
+        xs[:, :, n] = x
+        x = torch.baddbmm(add[:, :, n].flatten(0, 1), carry[:, :, n].flatten(0, 1), x.flatten(0, 1)).view(x.shape)
+    return xs, x
+
+
+class _ChunkedDeltaRule(torch.autograd.Function):
+    """Saves the chunked inputs and the chunk-start states (memory O(T (K + V) + (T / C) K V)); the backward
+    recomputes D, T, U, W and u (one triangular solve and a few matmuls per chunk) instead of storing them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, scale: float, C: int, initial_state):
+        B, T, H, K = q.shape
+        q, k, v, beta = _to_chunks(q * scale, C), _to_chunks(k, C), _to_chunks(v, C), _to_chunks(beta, C)
+        b = None if g is None else _to_chunks(g, C).cumsum(-1)
+        p = _parts(k, v, beta, b)
+        zero = q.new_zeros(B, H, K, v.shape[-1])
+        S, final = _scan(p.carry_in, p.k_end.transpose(-1, -2) @ p.U, zero if initial_state is None else initial_state)
+        u = p.U - p.W @ S
+        q_start = q if p.gamma is None else q * p.gamma[..., None]
+        o = torch.baddbmm(
+            (q_start @ S).flatten(0, 2), ((q @ k.transpose(-1, -2)) * p.D).flatten(0, 2), u.flatten(0, 2)
+        ).view(u.shape)
+        ctx.save_for_backward(q, k, v, beta, b, S)
+        ctx.scale, ctx.T, ctx.has_initial_state = scale, T, initial_state is not None
+        return _from_chunks(o, T), final
+
+    @staticmethod
+    def backward(ctx, do: Tensor, dfinal: Tensor):
+        q, k, v, beta, b, S = ctx.saved_tensors
+        T, C = ctx.T, q.shape[-2]
+        do = _to_chunks(do, C)
+        p = _parts(k, v, beta, b)
+        gated = p.gamma is not None
+        u = p.U - p.W @ S
+        QK = q @ k.transpose(-1, -2)
+        P = QK * p.D
+        q_start = q if not gated else q * p.gamma[..., None]
+        Pdo = P.transpose(-1, -2) @ do  # (B, H, N, C, V): the part of du from the outputs
+        # gradient reaching S_n: q_start^T do - W^T P^T do + F_n^T (gradient after chunk n)
+        from_outputs = q_start.transpose(-1, -2) @ do - p.W.transpose(-1, -2) @ Pdo
+        after, dinitial = _scan(p.carry_in.transpose(-1, -2), from_outputs, dfinal, reverse=True)
+        du = Pdo + p.k_end @ after  # (B, H, N, C, V)
+        dP = do @ u.transpose(-1, -2)
+        dQK = dP * p.D
+        X = do @ S.transpose(-1, -2)  # (B, H, N, C, K) gradient of q_start
+        dq = dQK @ k + (X if not gated else X * p.gamma[..., None])
+        dk_end = u @ after.transpose(-1, -2)  # (B, H, N, C, K)
+        dk = dQK.transpose(-1, -2) @ q + (dk_end if not gated else dk_end * p.delta[..., None])
+        # u = U - W S, U = T diag(beta) V, W = T diag(beta gamma) K, T = (I + L)^{-1}:
+        # d(beta V) = T^T du, d(beta gamma K) = -T^T du S^T, dL = -strictly_lower(d(beta V) U^T + d(beta gamma K) W^T)
+        TmT = p.Tm.transpose(-1, -2)
+        dvb = TmT @ du
+        dkb = -(TmT @ (du @ S.transpose(-1, -2)))
+        dL = (dvb @ p.U.transpose(-1, -2)).add_(dkb @ p.W.transpose(-1, -2)).neg_().tril_(-1)
+        dv = dvb * beta[..., None]
+        kb_rows = (dkb * k).sum(-1)  # (B, H, N, C)
+        gamma = p.gamma if gated else 1.0
+        dk += dkb * (beta * gamma)[..., None]
+        dLD = dL * p.D  # gradient of (K K^T ⊙ D) rows scaled by beta, strictly lower
+        dKK = dLD * beta[..., None]
+        dk += dKK @ k + dKK.transpose(-1, -2) @ k
+        dbeta = (dvb * v).sum(-1) + kb_rows * gamma + (dLD * p.KK).sum(-1)
+        dg = None
+        if gated and ctx.needs_input_grad[4]:
+            # b-dependent terms only: D's diagonal and delta_last are exactly 1, and their opposite contributions to
+            # the same db_i cancel, so they are left out (which keeps dg accurate when exp(g) is tiny)
+            E = (dQK * QK).add_(dL * p.KK * beta[..., None] * p.D).tril_(-1)  # dD_ij D_ij for j < i
+            db = E.sum(-1) - E.sum(-2)
+            db += p.gamma * ((q * X).sum(-1) + beta * kb_rows)
+            through_end = p.delta * (k * dk_end).sum(-1)  # delta_j d delta_j
+            db[..., :-1] -= through_end[..., :-1]
+            db[..., -1] += through_end[..., :-1].sum(-1) + p.gamma[..., -1] * (S * after).sum((-1, -2))
+            dg = _from_chunks(db.flip(-1).cumsum(-1).flip(-1), T)  # b = cumsum g: dg is the reverse cumsum of db
+        dq = _from_chunks(dq, T) * ctx.scale
+        dinitial = dinitial if ctx.has_initial_state else None
+        return dq, _from_chunks(dk, T), _from_chunks(dv, T), _from_chunks(dbeta, T), dg, None, None, dinitial
+
+
 def delta_rule_chunked(
     q: Tensor,
     k: Tensor,
@@ -73,35 +192,9 @@ def delta_rule_chunked(
     -> (o (B, T, H, V), final state (B, H, K, V)).
 
     Inputs are already in the accumulation dtype; ``chunk_size`` is a power of two (shrunk to the next power of two
-    >= T for short inputs; the result does not depend on it beyond rounding).
+    >= T for short inputs; the result does not depend on it beyond rounding). ``output_final_state`` is accepted for
+    the uniform backend signature; the state is always returned.
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    T = q.shape[1]
     C = min(chunk_size, 1 << max(T - 1, 0).bit_length())
-    q, k, v, beta = _to_chunks(q * scale, C), _to_chunks(k, C), _to_chunks(v, C), _to_chunks(beta, C)
-    b = None if g is None else _to_chunks(g, C).cumsum(-1)
-    D, gamma, delta = _decays(b, C, q)
-    N = q.shape[2]
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    L = ((k @ k.transpose(-1, -2)) * D * beta[..., None]).tril(-1)
-    Tm = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False, unitriangular=True)
-    k_beta = k * beta[..., None]
-    U = Tm @ (v * beta[..., None])
-    W = Tm @ (k_beta if gamma is None else k_beta * gamma[..., None])
-    k_end = k if delta is None else k * delta[..., None]  # each key as seen at the chunk end
-    carry_in = -(k_end.transpose(-1, -2) @ W)  # (B, H, N, K, K)
-    carry_in.diagonal(dim1=-2, dim2=-1).add_(1.0 if gamma is None else gamma[..., -1:])
-    writes = k_end.transpose(-1, -2) @ U  # (B, H, N, K, V)
-    starts = [q.new_zeros(B, H, K, V) if initial_state is None else initial_state]
-    for n in range(N):
-        starts.append(
-            torch.baddbmm(
-                writes[:, :, n].flatten(0, 1), carry_in[:, :, n].flatten(0, 1), starts[-1].flatten(0, 1)
-            ).view(B, H, K, V)
-        )
-    final = starts.pop()
-    S = torch.stack(starts, dim=2)  # (B, H, N, K, V)
-    u = U - W @ S
-    q_start = q if gamma is None else q * gamma[..., None]
-    o = q_start @ S + ((q @ k.transpose(-1, -2)) * D) @ u
-    return _from_chunks(o, T), final
+    return _ChunkedDeltaRule.apply(q, k, v, beta, g, scale, C, initial_state)
