@@ -146,7 +146,7 @@ def test_missing_checkpoint_and_too_short_model(cfg_train, tmp_path):
 def test_hybrid_list_length_must_match_depth(cfg_train):
     with open_dict(cfg_train):
         cfg_train.model.attention = ["softmax", "softmax", "softmax"]
-    _expect_exit(cfg_train, "model.attention has 3 entries but model.depth=2")
+    _expect_exit(cfg_train, "model.attention: expected one entry per layer (model.depth=2), got 3 entries")
 
 
 def test_hybrid_entries_take_yaml_defaults_and_overrides():

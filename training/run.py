@@ -8,6 +8,7 @@
    from the model class's ``task`` and build it (which builds the model, so option typos surface here).
 3. A configuration error (unknown attention/option/data/model, missing ``ckpt_path``, sequence longer than the model
    allows) ends the run with ONE message naming the problem and the valid choices (``SystemExit``), not a traceback.
+   Before anything else, every key and value is checked against the callable it feeds (``training/validate.py``).
 4. Fit (resuming from ``ckpt_path`` if given), test on the best checkpoint, write ``config.yaml`` (resolved) and
    ``summary.json`` into the run directory, and return the metric named by ``optimized_metric`` (for sweeps).
 """
@@ -33,14 +34,11 @@ from attnzoo.layers import attention_info, list_attention
 from attnzoo.training import faults
 from attnzoo.training.callbacks import ThroughputMonitor
 from attnzoo.training.summary import attention_names, write_summary
+from attnzoo.training.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(attnzoo.configs.__file__).parent
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot work; ``run`` turns it into one message and exit status 1."""
 
 
 def _container(value: Any) -> Any:
@@ -170,6 +168,10 @@ def _instantiate_all(group: Any) -> list[Any]:
 def run(cfg: DictConfig) -> float | None:
     """Train, test and summarise one configuration; return ``cfg.optimized_metric`` (None if not logged)."""
     started = time.perf_counter()
+    try:
+        validate_config(cfg)  # every key and value against the callable it feeds, before anything is built or seeded
+    except ConfigError as err:
+        raise SystemExit(f"attnzoo: configuration error: {err}") from None
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     if cfg.get("tune_malloc", False):
