@@ -47,6 +47,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from attnzoo.errors import unknown
+from attnzoo.training.optim import warmup_cosine
 
 
 class ConfigError(ValueError):
@@ -78,14 +79,16 @@ class Range:
         )
 
     def __str__(self) -> str:
-        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
-        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
-        if low and high:
-            text = f"in {low}, {high}"
-        elif low:
-            text = f"{'>=' if self.ge is not None else '>'} {low[1:]}"
+        """``> 0``, ``>= -1``, ``in [0, 1]``, ``in (0, 1)``."""
+        lower = (self.ge, "[", ">=") if self.ge is not None else (self.gt, "(", ">") if self.gt is not None else None
+        upper = (self.le, "]", "<=") if self.le is not None else (self.lt, ")", "<") if self.lt is not None else None
+        if lower and upper:
+            text = f"in {lower[1]}{lower[0]:g}, {upper[0]:g}{upper[1]}"
+        elif lower or upper:
+            bound, _, relation = lower or upper
+            text = f"{relation} {bound:g}"
         else:
-            text = f"{'<=' if self.le is not None else '<'} {high[:-1]}" if high else ""
+            text = ""
         if self.float_le is not None:
             text += f" (a float is a fraction: at most {self.float_le:g})"
         return text
@@ -173,17 +176,11 @@ TRAINER_RANGES: tuple[tuple[str, Range], ...] = (
 )
 
 
-def _warmup_cosine_options(*, warmup_steps: int = 100, min_lr_ratio: float = 0.1) -> None:
-    """The user-set keywords of ``attnzoo.training.optim.warmup_cosine`` (``total_steps`` comes from the trainer)."""
-
-
-def _constant_options() -> None:
-    """The constant schedule takes no options."""
-
-
-# What BaseTask builds from the optimizer / scheduler configs (training/base.py, training/optim.py).
+# What BaseTask builds from the optimizer / scheduler configs (training/base.py, training/optim.py), and the
+# arguments the task fills in itself: the model's parameter groups, the step and the run's total steps.
 OPTIMIZERS: dict[str, Callable[..., Any]] = {"adamw": torch.optim.AdamW}
-SCHEDULERS: dict[str, Callable[..., Any]] = {"warmup_cosine": _warmup_cosine_options, "constant": _constant_options}
+SCHEDULERS: dict[str, Callable[..., Any] | None] = {"warmup_cosine": warmup_cosine, "constant": None}
+SET_BY_TASK = ("params", "step", "total_steps")
 
 # run()'s own top-level settings: name -> type hint
 RUN_SETTINGS: dict[str, Any] = {
@@ -349,14 +346,13 @@ def _got(value: Any) -> str:
     if value is None:
         return "null"
     kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
-    text = f"{_format_value(value) if not isinstance(value, str) else repr(value)} ({kind.get(type(value), 'a value')})"
     if isinstance(value, str):
         try:
             float(value)
-            text += "; a quoted number stays a string: write it without quotes"
+            return f"{value!r} (a string: quoted numbers stay strings, write it without quotes)"
         except ValueError:
-            pass
-    return text
+            return f"{value!r} (a string)"
+    return f"{_format_value(value)} ({kind.get(type(value), 'a value')})"
 
 
 def _format_value(value: Any) -> str:
@@ -457,8 +453,10 @@ def check_value(key: str, value: Any, param: Param, rng: Range | None, example: 
     if matches(value, param.hint) and in_range:
         return
     good = param.default
-    if good in (None, inspect.Parameter.empty) or not (
-        matches(good, param.hint) and (rng is None or all(n in rng for n in _numbers(good)))
+    if (
+        good is None
+        or good is inspect.Parameter.empty
+        or not (matches(good, param.hint) and (rng is None or all(n in rng for n in _numbers(good))))
     ):
         # the given value with its out-of-range numbers replaced, when only the range failed; else a fresh sample
         good = _repaired(value, rng) if matches(value, param.hint) and rng is not None else _sample(param.hint, rng)
@@ -707,9 +705,9 @@ def _check_data(data: dict[str, Any]) -> None:
 
 
 def _check_named(
-    prefix: str, node: dict[str, Any], builders: dict[str, Callable[..., Any]], every_option: bool
+    prefix: str, node: dict[str, Any], builders: dict[str, Callable[..., Any] | None], every_option: bool
 ) -> None:
-    """The optimizer or scheduler node: ``name`` picks the builder; options are its keyword parameters.
+    """The optimizer or scheduler node: ``name`` picks the builder (None: takes no options); options are its keywords.
 
     ``every_option``: accept the options of every builder (train.yaml keeps warmup_steps when scheduler.name=constant).
     """
@@ -723,8 +721,8 @@ def _check_named(
         )
     chosen = [builders[name]] + ([b for b in builders.values() if b is not builders[name]] if every_option else [])
     params: dict[str, Param] = {}
-    for builder in chosen:
-        for key, param in signature_params(builder, skip=("params",)).items():
+    for builder in filter(None, chosen):
+        for key, param in signature_params(builder, skip=SET_BY_TASK).items():
             params.setdefault(key, param)
     check_node(prefix, node, params, f"{prefix} {name}")
 
