@@ -51,6 +51,9 @@ DT_MIN, DT_MAX, DT_INIT_FLOOR = 0.001, 0.1, 1e-4
 class GatedDeltaNet(DeltaRuleAttention):
     """Gated DeltaNet: the delta rule with a Mamba-2 scalar forget gate per head and a SiLU output gate; FLA."""
 
+    # A_log stays float32 under half precision (FLA and mamba_ssm's Mamba-2 create it in float32)
+    float32_params = frozenset({"A_log"})
+
     def __init__(
         self,
         dim: int,

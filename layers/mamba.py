@@ -62,6 +62,8 @@ class Mamba(Attention):
 
     patterns = frozenset({"causal_self", "noncausal_self"})
     pattern_note = "Mamba scans one sequence; it has no cross-attention form."
+    # mamba_ssm keeps A_log and D in fp32 whatever the model dtype ("Keep in fp32")
+    float32_params = frozenset({"A_log", "D", "A_b_log", "D_b"})
 
     def __init__(
         self,

@@ -86,6 +86,8 @@ class Mamba2(Attention):
 
     patterns = frozenset({"causal_self", "noncausal_self"})
     pattern_note = "Mamba-2's scan orders the positions, so there is no cross-attention form."
+    # A_log and D stay float32 under half precision, as mamba_ssm keeps them
+    float32_params = frozenset({"A_log", "D"})
 
     def __init__(
         self,

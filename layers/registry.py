@@ -16,6 +16,9 @@ The contract, in full:
   positions and updates the cache in place. Prefill-then-step equals one full forward.
 * ``state_size(seq_len)`` is the number of values kept per sequence for decoding (Zoology's recall-vs-state axis).
 * ``aux_loss`` is None or a scalar training loss set by the last forward (MoH's load balance); models sum them.
+* Every layer takes keyword-only ``device=`` and ``dtype=`` like a torch module, without declaring them: the base
+  class adds them to each subclass's constructor (:mod:`attnzoo.layers.factory`). Parameters a layer keeps in float32
+  at least under half precision are listed in its ``float32_params``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.errors import unknown
+from attnzoo.layers.factory import FACTORY_ARGS, accepts_device_dtype
 
 PATTERNS: tuple[str, ...] = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")
 ALL_PATTERNS: frozenset[str] = frozenset(PATTERNS)
@@ -56,7 +60,16 @@ class Attention(nn.Module):
     patterns: ClassVar[frozenset[str]] = frozenset()
     # appended to the "has no pattern" error, e.g. why agent attention cannot be causal
     pattern_note: ClassVar[str] = ""
+    # parameter names (of this module, not its children) that dtype= makes promote_types(dtype, float32), not dtype
+    float32_params: ClassVar[frozenset[str]] = frozenset()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # every layer gets device= / dtype= without writing them: its own __init__ is wrapped once, here
+        if "__init__" in cls.__dict__:
+            cls.__init__ = accepts_device_dtype(cls.__dict__["__init__"])
+
+    @accepts_device_dtype
     def __init__(self, dim: int, num_heads: int, *, causal: bool = False, cross: bool = False) -> None:
         super().__init__()
         label = self.name or type(self).__name__
@@ -213,12 +226,15 @@ class AttentionInfo:
 
 
 def attention_options(cls: type[Attention]) -> dict[str, Any]:
-    """The layer's own options (constructor keywords beyond the contract) with their defaults."""
+    """The layer's own options (constructor keywords beyond the contract and ``device``/``dtype``) with defaults."""
     params = inspect.signature(cls.__init__).parameters
     return {
         p.name: p.default
         for p in params.values()
-        if p.name != "self" and p.name not in CONTRACT_ARGS and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        if p.name != "self"
+        and p.name not in CONTRACT_ARGS
+        and p.name not in FACTORY_ARGS
+        and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     }
 
 
@@ -267,6 +283,8 @@ def build_attention(
     num_heads: int,
     causal: bool = False,
     cross: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     **options: Any,
 ) -> Attention:
     """Build a registered attention layer.
@@ -277,6 +295,10 @@ def build_attention(
         num_heads: number of heads; ``dim`` must be divisible by it.
         causal: query i sees keys j <= i only.
         cross: keys and values come from ``context`` instead of ``x``.
+        device: where the parameters are created (``"meta"``: shapes only, no storage), as for torch modules.
+        dtype: floating-point dtype of the parameters; the layer is initialised in float32 and converted, so the
+            result equals building it with the same seed and converting its float32 tensors (``float32_params`` stay
+            float32 at least; RoPE's float64 tables and integer buffers keep their dtype).
         **options: the layer's own options (``attention_info(name).options``); they override the spec's.
 
     Raises:
@@ -290,4 +312,4 @@ def build_attention(
     for key in merged:
         if key not in valid:
             raise TypeError(f"{name}: " + unknown("option", key, valid))
-    return cls(dim, num_heads, causal=causal, cross=cross, **merged)
+    return cls(dim, num_heads, causal=causal, cross=cross, device=device, dtype=dtype, **merged)

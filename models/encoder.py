@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.layers import Block, attention_info, create_norm, split_spec
+from attnzoo.layers.factory import accepts_device_dtype
+from attnzoo.models.pretrained import PretrainedMixin
 from attnzoo.models.specs import per_layer
 
 log = logging.getLogger(__name__)
@@ -28,11 +30,12 @@ POSITIONS = ("learned", "rope", "none")
 POOLS = ("cls", "mean")
 
 
-class Encoder(nn.Module):
+class Encoder(nn.Module, PretrainedMixin):
     """Bidirectional encoder + classification head, per-layer attention, CLS or mean pooling."""
 
     task = "classification"
 
+    @accepts_device_dtype
     def __init__(
         self,
         vocab_size: int,
@@ -68,6 +71,9 @@ class Encoder(nn.Module):
             norm: ``layernorm`` or ``rmsnorm``.
             dropout: embedding, MLP and head dropout.
             drop_path: stochastic depth, increasing linearly to this value over the blocks.
+            device: where to create the parameters (``"meta"``: shapes only), as for torch modules.
+            dtype: floating-point dtype of the parameters (built in float32, then converted; layers' float32_params
+                stay float32 at least).
         """
         super().__init__()
         if positions not in POSITIONS:

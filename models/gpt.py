@@ -16,16 +16,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo.layers import Block, create_norm
+from attnzoo.layers.factory import accepts_device_dtype
+from attnzoo.models.pretrained import PretrainedMixin
 from attnzoo.models.specs import per_layer
 
 POSITIONS = ("none", "learned")
 
 
-class GPT(nn.Module):
+class GPT(nn.Module, PretrainedMixin):
     """Decoder-only LM with per-layer attention (one spec, or a list with one spec per layer)."""
 
     task = "lm"  # the training task that fits this backbone (attnzoo.training.TASKS)
 
+    @accepts_device_dtype
     def __init__(
         self,
         vocab_size: int,
@@ -59,6 +62,9 @@ class GPT(nn.Module):
             dropout: embedding and MLP dropout.
             drop_path: stochastic depth, increasing linearly to this value over the blocks.
             tie_weights: share the LM head with the token embedding.
+            device: where to create the parameters (``"meta"``: shapes only), as for torch modules.
+            dtype: floating-point dtype of the parameters (built in float32, then converted; layers' float32_params
+                stay float32 at least).
         """
         super().__init__()
         if positions not in POSITIONS:

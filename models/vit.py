@@ -29,7 +29,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from attnzoo.errors import unknown
+from attnzoo.layers.factory import accepts_device_dtype
 from attnzoo.layers.registry import Attention, attention_class, attention_options, split_spec
+from attnzoo.models.pretrained import PretrainedMixin
 from attnzoo.models.specs import per_layer
 
 # timm constructor keywords that a zoo layer takes when it has an option of the same name
@@ -69,7 +71,8 @@ class TimmAttentionAdapter:
                 a layer that lacks it raises, since silently ignoring it would change the model.
             scale_norm: timm's norm before ``proj``; no zoo layer has it, so True raises.
             norm_layer: timm's norm class for qk_norm; zoo layers use their own norm.
-            device, dtype: where to create the parameters.
+            device, dtype: where and in which floating-point dtype to create the parameters (timm's factory
+                keywords; the zoo layer's own device/dtype handling, see ``attnzoo.layers.factory``).
         """
         zoo_cls = type(self).zoo_base
         label = zoo_cls.name
@@ -94,9 +97,7 @@ class TimmAttentionAdapter:
                 )
         if scale_norm:
             raise ValueError(f"{label}: timm's scale_attn_norm=True has no zoo equivalent; build the ViT without it.")
-        super().__init__(dim, num_heads, causal=False, cross=False, **options)
-        if device is not None or dtype is not None:
-            self.to(device=device, dtype=dtype)
+        super().__init__(dim, num_heads, causal=False, cross=False, device=device, dtype=dtype, **options)
 
     def __reduce_ex__(self, protocol: int) -> Any:
         # the class is made at run time, so pickle (ddp_spawn, torch.save of a whole model) rebuilds it from the spec
@@ -201,11 +202,12 @@ class _BlockFactory:
         return Block(attn_layer=self.attn_layers[depth], depth=depth, **kwargs)
 
 
-class ViT(VisionTransformer):
+class ViT(VisionTransformer, PretrainedMixin):
     """timm VisionTransformer whose attention (per layer) is any registered ``noncausal_self`` layer."""
 
     task = "classification"
 
+    @accepts_device_dtype
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -244,6 +246,9 @@ class ViT(VisionTransformer):
             drop_rate: dropout before the head.
             drop_path_rate: stochastic depth, linear over the blocks (timm's rule).
             **timm_kwargs: any other ``VisionTransformer`` argument (``pos_drop_rate``, ``init_values``, ...).
+            device: where to create the parameters (``"meta"``: shapes only), as for torch modules.
+            dtype: floating-point dtype of the parameters (built in float32 with timm's init, then converted; the
+                attention layers' float32_params stay float32 at least).
         """
         if "block_fn" in timm_kwargs or "attn_layer" in timm_kwargs:
             raise TypeError("ViT: pass attention= (zoo names or specs) instead of block_fn/attn_layer.")
