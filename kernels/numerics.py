@@ -23,3 +23,16 @@ def exp_(x: Tensor, exact_zero: bool = True) -> Tensor:
     floor = -700.0 if x.dtype == torch.float64 else -80.0
     x.clamp_min_(floor).exp_()
     return F.threshold_(x, 2 * math.exp(floor), 0.0) if exact_zero else x
+
+
+def into(out: Tensor, op, *args: Tensor | float) -> Tensor:
+    """``op(*args, out=out)``, also inside ``torch.compile``.
+
+    The eager CPU kernels write results straight into strided views (a transposed layout, one chunk of a state
+    buffer), which saves an input-sized temporary and a copy per call. Dynamo cannot trace ``out=`` into a
+    non-contiguous tensor, so while compiling the result is formed and copied into the view instead: the same values,
+    and the compiler fuses the copy away.
+    """
+    if torch.compiler.is_compiling():
+        return out.copy_(op(*args))
+    return op(*args, out=out)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.kernels import linear_attn
+from attnzoo.kernels.numerics import into
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 
 
@@ -70,16 +71,16 @@ class _TaylorFeatures(torch.autograd.Function):
         out = x.new_empty(*x.shape[:-1], 1 + d + len(weights))
         rows, features = x.reshape(-1, d), out.view(-1, out.shape[-1])  # 2-d: slicing a 4-d view costs 3x (measured)
         features[:, 0] = 1
-        torch.mul(rows, d**-0.25, out=features[:, 1 : 1 + d])
+        into(features[:, 1 : 1 + d], torch.mul, rows, d**-0.25)
         quadratic = features[:, 1 + d :]
         if compact:
-            torch.mul(rows, rows, out=quadratic[:, :d])
+            into(quadratic[:, :d], torch.mul, rows, rows)
             start = d
             for i in range(d - 1):  # row i of the strict upper triangle: x_i x_j for j > i
-                torch.mul(rows[:, i : i + 1], rows[:, i + 1 :], out=quadratic[:, start : start + d - 1 - i])
+                into(quadratic[:, start : start + d - 1 - i], torch.mul, rows[:, i : i + 1], rows[:, i + 1 :])
                 start += d - 1 - i
         else:
-            torch.mul(rows[:, :, None], rows[:, None, :], out=quadratic.unflatten(-1, (d, d)))
+            into(quadratic.unflatten(-1, (d, d)), torch.mul, rows[:, :, None], rows[:, None, :])
         quadratic.mul_(weights)
         ctx.save_for_backward(x)
         ctx.compact = compact

@@ -275,7 +275,10 @@ class MoHAttention(Attention):
         valid = None if self.cross else padding_mask
         used = (routing.gates != 0).to(routing.gates.dtype).mean(dim=-1)  # (B, T)
         if valid is not None:
-            used = used[valid] if valid.any() else used
+            # the mean over real tokens (over all when none is real), as a weighted mean: no data-dependent branch
+            weight = valid.to(used.dtype)
+            weight = torch.where(weight.sum() > 0, weight, torch.ones_like(weight))
+            used = (used * weight).sum() / weight.sum()
         self.head_usage = used.mean().detach()
         self.aux_loss = None
         if self.training and self.router == "learned" and self.routed_heads > 0:

@@ -24,9 +24,11 @@ B=1, T=1024-8192), 1.3-3.1x on 2 threads.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo.errors import unknown
+from attnzoo.kernels.numerics import into
 
 _ACTIVATIONS = ("silu", "swish", "identity")
 # numbers per (sequences, positions) tile: a few tensors of this size stay in the cache (2^19 measured best or
@@ -67,12 +69,14 @@ class _CausalDepthwiseConv(torch.autograd.Function):
             window = full[seqs, pos.start : pos.stop + W - 1]  # the tile's positions and the W - 1 before them
             n = tile.shape[1]
             if bias is None:
-                torch.mul(window[:, :n], taps[0], out=tile)
+                into(tile, torch.mul, window[:, :n], taps[0])
             else:
-                torch.addcmul(bias, window[:, :n], taps[0], out=tile)
+                into(tile, torch.addcmul, bias, window[:, :n], taps[0])
             for w in range(1, W):
                 tile.addcmul_(window[:, w : w + n], taps[w])
-            if silu:
+            if silu and torch.compiler.is_compiling():  # dynamo traces no out= into a strided tile
+                out[seqs, pos] = F.silu(tile)
+            elif silu:
                 torch.ops.aten.silu.out(tile, out=out[seqs, pos])  # in place when out is pre
         ctx.save_for_backward(full, taps, pre if keep_pre else None)
         ctx.has_bias, ctx.silu = bias is not None, silu
@@ -106,7 +110,7 @@ class _CausalDepthwiseConv(torch.autograd.Function):
             grad_window = grad_full[seqs, pos.start : pos.stop + W - 1]
             for w in range(W - 1, -1, -1):
                 if w == W - 1:  # rows not touched by an earlier tile
-                    torch.mul(g, taps[w], out=grad_window[:, w : w + n])
+                    into(grad_window[:, w : w + n], torch.mul, g, taps[w])
                 else:
                     grad_window[:, w : w + n].addcmul_(g, taps[w])
                 if grad_taps is not None:

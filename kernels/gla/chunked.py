@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnzoo.kernels.numerics import exp_
+from attnzoo.kernels.numerics import exp_, into
 
 
 def _to_chunks(x: Tensor, C: int, scale: float = 1.0) -> Tensor:
@@ -64,7 +64,7 @@ def _to_chunks(x: Tensor, C: int, scale: float = 1.0) -> Tensor:
     if scale == 1.0:
         real.copy_(x.transpose(1, 2))
     else:
-        torch.mul(x.transpose(1, 2), scale, out=real)
+        into(real, torch.mul, x.transpose(1, 2), scale)
     return out.view(B, H, N, C, D)
 
 
@@ -76,7 +76,7 @@ def _from_chunks(x: Tensor, T: int, scale: float = 1.0) -> Tensor:
     if scale == 1.0:
         out.transpose(1, 2).copy_(real)
     else:
-        torch.mul(real, scale, out=out.transpose(1, 2))
+        into(out.transpose(1, 2), torch.mul, real, scale)
     return out
 
 
@@ -115,8 +115,13 @@ def _direct_block_size(g: Tensor, b: Tensor) -> int:
     FLA's gates (logsigmoid / 16, about -0.05 per step) give c = C: the whole intra-chunk matrix is one matmul, which
     is checked first in one pass over b (|b_i| <= bound for all i is exactly the c = C condition). Very negative gates
     shrink c, down to 1 where only the exact hierarchy is used. One host sync per call.
+
+    Under ``torch.compile`` c is 1: a block size read from the data would be a data-dependent shape, and the exact
+    hierarchy alone is correct for every g <= 0 (log2 C small matmuls per chunk instead of one).
     """
     C = g.shape[-2]
+    if torch.compiler.is_compiling():
+        return 1
     lo, hi = torch.aminmax(b)
     if max(-lo.item(), hi.item()) <= FACTOR_BOUND:
         return C
@@ -238,7 +243,7 @@ def _forward_parts(
             if k_out is None:
                 writes.mul_(carry[:, :, :written])
             for n in range(N - 1):  # S_{n+1} = a_n S_n + U_n, in place
-                torch.addcmul(writes[:, :, n], carry[:, :, n], starts[:, :, n], out=starts[:, :, n + 1])
+                into(starts[:, :, n + 1], torch.addcmul, writes[:, :, n], carry[:, :, n], starts[:, :, n])
             if need_final:
                 final = torch.addcmul(writes[:, :, N - 1], carry[:, :, N - 1], starts[:, :, N - 1])
     return _Parts(b, c, q_exp, q_in, k_exp, k_in, A, q_decay, k_decay, k_out, carry, starts, final)
@@ -420,7 +425,7 @@ class _ChunkedGLA(torch.autograd.Function):
         after = starts.new_empty(starts.shape)
         after[:, :, N - 1] = 0 if dfinal is None else dfinal
         for n in range(N - 1, 0, -1):
-            torch.addcmul(from_outputs[:, :, n - read_from], p.carry[:, :, n], after[:, :, n], out=after[:, :, n - 1])
+            into(after[:, :, n - 1], torch.addcmul, from_outputs[:, :, n - read_from], p.carry[:, :, n], after[:, :, n])
         dinitial = torch.addcmul(from_outputs[:, :, 0], p.carry[:, :, 0], after[:, :, 0]) if needs_dinitial else None
         last = N - 1 if skip and dfinal is None else N  # up to here the gradients after the chunks are not all zero
         carried = None  # (B, H, N, K): exp(b_last) rowsum(S_n ⊙ dH), the last row's term of db through the carry

@@ -120,9 +120,10 @@ def _safe_chunk(delta: Tensor, A: Tensor, chunk_size: int, limit: float) -> int:
     If more than ``STEPWISE_SHARE`` of the rows still fail at ``SAFE_CHUNK_MIN``, the segments take the stepwise
     form, whose cost does not fall with the chunk, and the requested chunk is kept. The bound used here,
     |A|max sum |delta| / 2 over the chunk, is at least the one ``_Layout`` checks, so rows it calls safe are safe.
-    One pass over delta (batch, E, L), no N factor.
+    One pass over delta (batch, E, L), no N factor. Under ``torch.compile`` the chunk is kept (the share is read from
+    the data, a host sync that cannot be traced), and ``_Layout._factors`` takes the stepwise form, exact at any step.
     """
-    if limit <= 0 or chunk_size <= SAFE_CHUNK_MIN:
+    if limit <= 0 or chunk_size <= SAFE_CHUNK_MIN or torch.compiler.is_compiling():
         return chunk_size
     L = delta.shape[-1]
     weight = A.abs().amax(-1).to(delta.dtype)[:, None] / 2  # (E, 1)
@@ -247,9 +248,15 @@ class _Layout:
         delta = softplus(1.5 z + 0.3) (5% of 4-step rows fail) 0.18-0.21 s against 0.26-0.33 s. With no failing
         row the two cost the same at batch 64 (0.19 s), and the factored form is 1.3-1.5x faster at batch 1 with
         chunks of 32 (E = 256, L = 1024 and 4096, 2 threads), so it stays where the bound holds.
+
+        Under ``torch.compile`` every segment takes the stepwise form: choosing a form (and gathering failing rows)
+        reads the data, which a traced graph cannot, and the stepwise form is exact at every step size.
         """
         D = dlt.cumsum(2)
         shape = (*D.shape, self.N)  # (batch, nC, C, G, Eg, N)
+        if torch.compiler.is_compiling():
+            decay = exp_(torch.mul(dlt[..., None], self.Ag, out=self.buffer("W", D, shape)))
+            return dict(D=D, pivot=None, W=None, idx=None, decay=decay)
         hi, lo = D.amax(2).clamp(min=0), D.amin(2).clamp(max=0)  # the range of D, including D = 0 before the chunk
         unsafe = self.A_max * (hi - lo) / 2 > self.limit
         if unsafe.float().mean().item() > STEPWISE_SHARE:
