@@ -1,5 +1,6 @@
 """attnzoo.models: backbones that take any registered attention (a name, a spec, or one spec per layer)."""
 
+from attnzoo.models import timm_models  # noqa: F401  registers attnzoo_vit_* with timm.create_model
 from attnzoo.models.encoder import Encoder
 from attnzoo.models.gpt import GPT
 from attnzoo.models.io import load_checkpoint, load_weights, save_weights
