@@ -2,7 +2,7 @@
 
 Bad overrides go through Hydra's composition (the nodes the validation covers accept any key without ``+``) and
 ``run()``, whose build step is replaced by a failure: each must stop with exit status 1 and one message naming the
-key, and the override the message suggests must fix that key. A handful run the real ``python train.py``.
+key, and the override the message suggests must fix that key. A handful run the real ``python train.py`` (slow).
 """
 
 from __future__ import annotations
@@ -328,6 +328,7 @@ def _train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, Lightning and Hydra: 5-30 s each on this machine
 @pytest.mark.parametrize(
     "overrides,key",
     [
