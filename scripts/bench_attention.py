@@ -213,6 +213,25 @@ def selective_scan_case(backend: str) -> KernelFactory:
     return factory
 
 
+def delta_rule_case(backend: str, gated: bool) -> KernelFactory:
+    def factory(B, T, H, D, causal, dtype, feature_dim=None) -> Case:
+        from attnzoo.kernels import delta_rule
+
+        K = feature_dim or D
+        gen = torch.Generator().manual_seed(0)
+        # L2-normalised q, k as DeltaNet passes them; beta = sigmoid(N(0, 1)); Gated DeltaNet-like gate logsigmoid / 16
+        q, k = (F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype) for _ in range(2))
+        v = torch.randn(B, T, H, D, generator=gen, dtype=dtype)
+        beta = torch.randn(B, T, H, generator=gen).sigmoid().to(dtype)
+        inputs = [q, k, v, beta] + ([F.logsigmoid(torch.randn(B, T, H, generator=gen)) / 16] if gated else [])
+        inputs = [t.requires_grad_(True) for t in inputs]
+        return Case(inputs, lambda q, k, v, beta, g=None: delta_rule(q, k, v, beta, g, backend=backend)[0])
+
+    kind = "gated (Gated DeltaNet)" if gated else "ungated (DeltaNet)"
+    factory.__doc__ = f"attnzoo.kernels.delta_rule, {kind}, L2-normalised q/k, backend={backend!r}."
+    return factory
+
+
 KERNEL_OPS: dict[str, KernelFactory] = {
     "sdpa": sdpa_case,
     "gla": gla_case("torch"),
@@ -223,6 +242,10 @@ KERNEL_OPS: dict[str, KernelFactory] = {
     "simple_gla": simple_gla_case("torch"),
     "selective_scan": selective_scan_case("torch"),
     "selective_scan_reference": selective_scan_case("reference"),
+    "delta_rule": delta_rule_case("torch", gated=False),
+    "delta_rule_reference": delta_rule_case("reference", gated=False),
+    "gated_delta_rule": delta_rule_case("torch", gated=True),
+    "gated_delta_rule_reference": delta_rule_case("reference", gated=True),
 }
 KERNEL_BASELINE = "sdpa"
 
