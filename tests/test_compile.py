@@ -132,3 +132,21 @@ def test_gpt_default_config_compiles_fullgraph():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(idx), model(idx), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_training_with_compile_true(cfg_train, tmp_path):
+    """``compile=true`` trains and tests the default config through the compiled model."""
+    import json
+    import math
+
+    from omegaconf import open_dict
+
+    from attnzoo.training import run
+
+    with open_dict(cfg_train):
+        cfg_train.compile = True
+        cfg_train.trainer.fast_dev_run = True
+    run(cfg_train)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert math.isfinite(summary["test_metrics"]["test/loss"])

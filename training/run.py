@@ -182,6 +182,8 @@ def run(cfg: DictConfig) -> float | None:
         datamodule, model_cfg, task, ckpt_path = _setup(cfg)
     except ConfigError as err:
         raise SystemExit(f"attnzoo: configuration error: {err}") from None
+    if cfg.get("compile", False):
+        task.model.compile()  # in place: the state_dict keys (and so checkpoints) stay those of the eager model
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -187,6 +187,7 @@ RUN_SETTINGS: dict[str, Any] = {
     "seed": int | None,
     "num_threads": int | None,
     "tune_malloc": bool,
+    "compile": bool,
     "ckpt_path": str | None,
     "optimized_metric": str | None,
     "task_name": str,
