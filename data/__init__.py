@@ -16,6 +16,7 @@ from attnzoo.data.listops import ListOpsDataModule
 from attnzoo.data.mqar import MQARDataModule, generate_mqar
 from attnzoo.data.text import TextDataModule
 from attnzoo.errors import unknown
+from attnzoo.targets import class_options, resolve_class
 
 DATAMODULES: dict[str, type] = {
     "mqar": MQARDataModule,
@@ -28,11 +29,12 @@ DATAMODULES: dict[str, type] = {
 
 
 def build_datamodule(data_cfg: Any):
-    """Build the DataModule named by ``data_cfg.name`` (or ``data_cfg["name"]``) with the other keys as kwargs."""
-    options = {str(k): v for k, v in dict(data_cfg).items()}
-    name = options.pop("name", None)
-    if name not in DATAMODULES:
-        raise ValueError(unknown("data set", name, DATAMODULES))
+    """Build the DataModule named by ``data_cfg.name`` (or the class named by ``data_cfg._target_``) with the other
+    keys as kwargs."""
+    node = {str(k): v for k, v in dict(data_cfg).items()}
+    cls = resolve_class(node, DATAMODULES, "data")
+    name = node.get("_target_") or node.get("name")
+    options = class_options(node)
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -42,10 +44,11 @@ def build_datamodule(data_cfg: Any):
         }
     except ImportError:
         pass  # plain dicts need no conversion
-    cls = DATAMODULES[name]
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    valid = [p for p in params if p != "self"]
     for key in options:
-        if key not in valid:
+        if key not in valid and not takes_any:
             raise TypeError(f"data set {name}: " + unknown("option", key, valid))
     return cls(**options)
 

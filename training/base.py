@@ -24,15 +24,12 @@ DEFAULT_SCHEDULER = {"name": "warmup_cosine", "warmup_steps": 100, "min_lr_ratio
 
 
 def build_model(model_cfg: dict[str, Any]) -> nn.Module:
-    """Instantiate ``attnzoo.models.MODELS[model_cfg["name"]]`` with the remaining keys."""
-    from attnzoo.errors import unknown
+    """Instantiate ``attnzoo.models.MODELS[model_cfg["name"]]`` (or the class named by ``_target_``) with the
+    remaining keys."""
     from attnzoo.models import MODELS
+    from attnzoo.targets import class_options, resolve_class
 
-    kwargs = dict(model_cfg)
-    name = kwargs.pop("name", None)
-    if name not in MODELS:
-        raise ValueError(unknown("model", name, MODELS))
-    return MODELS[name](**kwargs)
+    return resolve_class(model_cfg, MODELS, "model")(**class_options(model_cfg))
 
 
 class BaseTask(L.LightningModule):

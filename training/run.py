@@ -31,6 +31,7 @@ from attnzoo.allocator import tune_malloc
 from attnzoo.data import build_datamodule
 from attnzoo.errors import unknown
 from attnzoo.layers import attention_info, list_attention
+from attnzoo.targets import resolve_class
 from attnzoo.training import faults
 from attnzoo.training.callbacks import ThroughputMonitor
 from attnzoo.training.summary import attention_names, write_summary
@@ -125,12 +126,13 @@ def build_task(cfg: DictConfig, model_cfg: dict[str, Any]) -> L.LightningModule:
     from attnzoo.models import MODELS
     from attnzoo.training import TASKS
 
-    name = model_cfg.get("name")
-    if name not in MODELS:
-        raise ConfigError(unknown("model", name, MODELS))
-    task_name = getattr(MODELS[name], "task", "lm")
+    try:
+        model_cls = resolve_class(model_cfg, MODELS, "model")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    task_name = getattr(model_cls, "task", "lm")  # a user's class without one trains as a language model
     if task_name not in TASKS:
-        raise ConfigError(unknown(f"task (of model {name})", task_name, TASKS))
+        raise ConfigError(unknown(f"task (of model {model_cls.__name__})", task_name, TASKS))
     return TASKS[task_name](
         model=model_cfg, optimizer=_container(cfg.get("optimizer")), scheduler=_container(cfg.get("scheduler"))
     )
@@ -200,7 +202,7 @@ def run(cfg: DictConfig) -> float | None:
         OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
         log.info(
             "model %s: attention %s, %d parameters",
-            model_cfg["name"],
+            model_cfg.get("_target_") or model_cfg["name"],
             attention_names(model_cfg),
             sum(p.numel() for p in task.parameters()),
         )
@@ -225,7 +227,7 @@ def run(cfg: DictConfig) -> float | None:
             "config_name": _config_name(),
             "overrides": _overrides(),
             "choices": _choices(),
-            "model": model_cfg["name"],
+            "model": model_cfg.get("_target_") or model_cfg["name"],
             "attention": attention_names(model_cfg),
             "attention_specs": model_cfg["attention"],
             "params": sum(p.numel() for p in task.parameters()),

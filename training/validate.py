@@ -605,16 +605,34 @@ def _check_run_settings(cfg: DictConfig) -> None:
     )
 
 
+def _target_class(group: str, target: Any) -> type:
+    import hydra.utils
+
+    try:
+        return hydra.utils.get_class(str(target))
+    except Exception as err:  # ImportError, AttributeError, ValueError from Hydra's locate
+        raise _fail(
+            f"{group}._target_",
+            f"expected an importable class, got {target!r} ({err})",
+            f"{group}._target_=my_package.my_module.MyClass",
+        ) from None
+
+
 def _check_model(model: dict[str, Any]) -> None:
     from attnzoo.models import MODELS
 
     name = model.get("name")
-    if name not in MODELS:
+    if model.get("_target_") is not None:  # a user's class: its own signature is the contract
+        cls = _target_class("model", model["_target_"])
+        name = cls.__name__
+    elif name not in MODELS:
         close = difflib.get_close_matches(str(name), MODELS, n=1)
         raise _fail("model.name", unknown("model", name, MODELS).rstrip("."), f"model={close[0] if close else 'gpt'}")
-    params = signature_params(MODELS[name])
+    else:
+        cls = MODELS[name]
+    params = signature_params(cls)
     values = {k: v for k, v in model.items() if k != "attention"}
-    check_node("model", values, params, f"model {name}", none_means_default=True)
+    check_node("model", values, params, f"model {name}", none_means_default=True, ignore=("name", "_target_"))
     attention = model.get("attention")
     depth = model.get("depth")
     if isinstance(attention, list) and isinstance(depth, int) and len(attention) != depth:
@@ -694,6 +712,10 @@ def _check_data(data: dict[str, Any]) -> None:
     from attnzoo.data import DATAMODULES
 
     name = data.get("name")
+    if data.get("_target_") is not None:  # a user's DataModule: its own signature is the contract
+        cls = _target_class("data", data["_target_"])
+        check_node("data", data, signature_params(cls), f"data module {cls.__name__}", ignore=("name", "_target_"))
+        return
     if name not in DATAMODULES:
         close = difflib.get_close_matches(str(name), DATAMODULES, n=1)
         raise _fail(
