@@ -13,6 +13,7 @@ tests/golden/GOLDEN.md describes the files and the cross-checks printed here.
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def run(gated: bool) -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options: --help only
     for name, gated in (("delta_rule", False), ("gated_delta_rule", True)):
         print(name)
         data = run(gated)

@@ -38,6 +38,16 @@ class Figure:
 
 FIGURES = (
     Figure(
+        "delta_rule",
+        "## 1. Kernels",
+        1,
+        ("method", "T"),
+        ("fwd+bwd ms",),
+        "fwd+bwd time (ms, log scale)",
+        "delta_rule ops against SDPA causal and their recurrent reference (B=1, H=4, D=64, 1 thread)",
+        log=True,
+    ),
+    Figure(
         "selective_scan",
         "## 2. Selective scan",
         0,
