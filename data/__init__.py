@@ -32,7 +32,7 @@ def build_datamodule(data_cfg: Any):
     """Build the DataModule named by ``data_cfg.name`` (or the class named by ``data_cfg._target_``) with the other
     keys as kwargs."""
     node = {str(k): v for k, v in dict(data_cfg).items()}
-    cls = resolve_class(node, DATAMODULES, "data")
+    cls = resolve_class(node, DATAMODULES, "data", "data set")
     name = node.get("_target_") or node.get("name")
     options = class_options(node)
     try:

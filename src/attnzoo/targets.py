@@ -13,8 +13,10 @@ from typing import Any
 from attnzoo.errors import unknown
 
 
-def resolve_class(node: Mapping[str, Any], registry: Mapping[str, type], group: str) -> type:
+def resolve_class(node: Mapping[str, Any], registry: Mapping[str, type], group: str, kind: str | None = None) -> type:
     """The class ``node`` builds: ``node["_target_"]`` imported if given, else ``registry[node["name"]]``.
+
+    ``group`` is the config node (``model``, ``data``), ``kind`` what its names are called in errors (``data set``).
 
     Raises ``ValueError`` naming the key and the fix when the target does not import or the name is unknown.
     """
@@ -32,7 +34,7 @@ def resolve_class(node: Mapping[str, Any], registry: Mapping[str, type], group: 
         return cls
     name = node.get("name")
     if name not in registry:
-        raise ValueError(unknown(group, name, registry))
+        raise ValueError(unknown(kind or group, name, registry))
     return registry[name]
 
 
