@@ -49,21 +49,26 @@ def _from_chunks(x: Tensor, T: int) -> Tensor:
     return x.reshape(B, H, N * C, *x.shape[4:])[:, :, N * C - T :].movedim(2, 1)
 
 
-def _decays(b: Tensor | None, C: int, like: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(D, gamma, delta) from the chunk-local cumsum b (B, H, N, C); without a gate D is the causal mask of ones
-    and gamma = delta = None (all ones)."""
-    causal = torch.ones(C, C, dtype=torch.bool, device=like.device).tril()
+def _decays(b: Tensor | None, C: int, like: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(D, gamma, delta) from the chunk-local cumsum b (B, H, N, C); without a gate all three are None: D would be
+    the causal mask of ones (applied by :func:`_decayed` as a ``tril``), gamma and delta all ones."""
     if b is None:
-        return causal.to(like.dtype), None, None
+        return None, None, None
+    causal = torch.ones(C, C, dtype=torch.bool, device=like.device).tril()
     # -inf above the diagonal BEFORE exp: exp(b_i - b_j) for j > i would overflow for very negative gates
     D = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     return D, b.exp(), (b[..., -1:] - b).exp()
 
 
-class _Parts(NamedTuple):
-    """What forward and backward share; the backward recomputes all of it from the saved inputs."""
+def _decayed(x: Tensor, D: Tensor | None) -> Tensor:
+    """x ⊙ D in place (x is a fresh (..., C, C) product): a ``tril`` without a gate, where D is the causal mask."""
+    return x.tril_() if D is None else x.mul_(D)
 
-    D: Tensor  # (B, H, N, C, C) decay exp(b_i - b_j) for j <= i, else 0 (the causal mask of ones without a gate)
+
+class _Parts(NamedTuple):
+    """What forward and backward share; the backward recomputes all of it but T from the saved inputs."""
+
+    D: Tensor | None  # (B, H, N, C, C) decay exp(b_i - b_j) for j <= i, else 0; None without a gate (a tril)
     gamma: Tensor | None  # (B, H, N, C) exp(b), decay since the chunk start; None without a gate
     delta: Tensor | None  # (B, H, N, C) exp(b_last - b), decay to the chunk end; None without a gate
     KK: Tensor  # (B, H, N, C, C) K K^T
@@ -74,14 +79,15 @@ class _Parts(NamedTuple):
     carry_in: Tensor  # (B, H, N, K, K) F_n = gamma_last I - k_end^T W
 
 
-def _parts(k: Tensor, v: Tensor, beta: Tensor, b: Tensor | None) -> _Parts:
+def _parts(k: Tensor, v: Tensor, beta: Tensor, b: Tensor | None, Tm: Tensor | None = None) -> _Parts:
     C = k.shape[-2]
     D, gamma, delta = _decays(b, C, k)
     KK = k @ k.transpose(-1, -2)
-    eye = torch.eye(C, dtype=k.dtype, device=k.device)
-    L = (KK * D * beta[..., None]).tril_(-1)
-    # (I + L)^{-1} by one batched triangular solve (unit diagonal: L is never read there)
-    Tm = torch.linalg.solve_triangular(L.add_(eye), eye.expand_as(L), upper=False, unitriangular=True)
+    if Tm is None:
+        eye = torch.eye(C, dtype=k.dtype, device=k.device)
+        L = _decayed(KK * beta[..., None], D).tril_(-1)
+        # (I + L)^{-1} by one batched triangular solve (unit diagonal: L is never read there)
+        Tm = torch.linalg.solve_triangular(L.add_(eye), eye.expand_as(L), upper=False, unitriangular=True)
     U = Tm @ (v * beta[..., None])
     k_beta = k * (beta if gamma is None else beta * gamma)[..., None]
     W = Tm @ k_beta
@@ -105,8 +111,8 @@ def _scan(carry: Tensor, add: Tensor, first: Tensor, reverse: bool = False) -> t
 
 
 class _ChunkedDeltaRule(torch.autograd.Function):
-    """Saves the chunked inputs and the chunk-start states (memory O(T (K + V) + (T / C) K V)); the backward
-    recomputes D, T, U, W and u (one triangular solve and a few matmuls per chunk) instead of storing them."""
+    """Saves the chunked inputs, the chunk-start states and the UT transform T (memory O(T (K + V + C) + (T / C) K V),
+    FLA's choice too: T costs a triangular solve); the backward recomputes D, U, W and u (a few matmuls per chunk)."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, scale: float, C: int, initial_state):
@@ -119,22 +125,22 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         u = p.U - p.W @ S
         q_start = q if p.gamma is None else q * p.gamma[..., None]
         o = torch.baddbmm(
-            (q_start @ S).flatten(0, 2), ((q @ k.transpose(-1, -2)) * p.D).flatten(0, 2), u.flatten(0, 2)
+            (q_start @ S).flatten(0, 2), _decayed(q @ k.transpose(-1, -2), p.D).flatten(0, 2), u.flatten(0, 2)
         ).view(u.shape)
-        ctx.save_for_backward(q, k, v, beta, b, S)
+        ctx.save_for_backward(q, k, v, beta, b, S, p.Tm)
         ctx.scale, ctx.T, ctx.has_initial_state = scale, T, initial_state is not None
         return _from_chunks(o, T), final
 
     @staticmethod
     def backward(ctx, do: Tensor, dfinal: Tensor):
-        q, k, v, beta, b, S = ctx.saved_tensors
+        q, k, v, beta, b, S, Tm = ctx.saved_tensors
         T, C = ctx.T, q.shape[-2]
         do = _to_chunks(do, C)
-        p = _parts(k, v, beta, b)
+        p = _parts(k, v, beta, b, Tm)
         gated = p.gamma is not None
         u = p.U - p.W @ S
         QK = q @ k.transpose(-1, -2)
-        P = QK * p.D
+        P = _decayed(QK.clone() if gated else QK, p.D)  # QK itself is needed for the gate's gradient
         q_start = q if not gated else q * p.gamma[..., None]
         Pdo = P.transpose(-1, -2) @ do  # (B, H, N, C, V): the part of du from the outputs
         # gradient reaching S_n: q_start^T do - W^T P^T do + F_n^T (gradient after chunk n)
@@ -142,24 +148,25 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         after, dinitial = _scan(p.carry_in.transpose(-1, -2), from_outputs, dfinal, reverse=True)
         du = Pdo + p.k_end @ after  # (B, H, N, C, V)
         dP = do @ u.transpose(-1, -2)
-        dQK = dP * p.D
+        dQK = _decayed(dP, p.D)
         X = do @ S.transpose(-1, -2)  # (B, H, N, C, K) gradient of q_start
         dq = dQK @ k + (X if not gated else X * p.gamma[..., None])
         dk_end = u @ after.transpose(-1, -2)  # (B, H, N, C, K)
         dk = dQK.transpose(-1, -2) @ q + (dk_end if not gated else dk_end * p.delta[..., None])
         # u = U - W S, U = T diag(beta) V, W = T diag(beta gamma) K, T = (I + L)^{-1}:
-        # d(beta V) = T^T du, d(beta gamma K) = -T^T du S^T, dL = -strictly_lower(d(beta V) U^T + d(beta gamma K) W^T)
-        TmT = p.Tm.transpose(-1, -2)
-        dvb = TmT @ du
-        dkb = -(TmT @ (du @ S.transpose(-1, -2)))
-        dL = (dvb @ p.U.transpose(-1, -2)).add_(dkb @ p.W.transpose(-1, -2)).neg_().tril_(-1)
+        # d(beta V) = T^T du, d(beta gamma K) = -T^T du S^T = -d(beta V) S^T, and
+        # dL = -strictly_lower(d(beta V) U^T + d(beta gamma K) W^T) = -strictly_lower(d(beta V) (U - W S)^T), i.e.
+        # d(beta V) u^T: one matmul instead of three
+        dvb = p.Tm.transpose(-1, -2) @ du
+        dkb = -(dvb @ S.transpose(-1, -2))
+        dL = (dvb @ u.transpose(-1, -2)).neg_().tril_(-1)
         dv = dvb * beta[..., None]
         kb_rows = (dkb * k).sum(-1)  # (B, H, N, C)
         gamma = p.gamma if gated else 1.0
         dk += dkb * (beta * gamma)[..., None]
-        dLD = dL * p.D  # gradient of (K K^T ⊙ D) rows scaled by beta, strictly lower
+        dLD = dL if not gated else dL * p.D  # gradient of (K K^T ⊙ D) rows scaled by beta, strictly lower
         dKK = dLD * beta[..., None]
-        dk += dKK @ k + dKK.transpose(-1, -2) @ k
+        dk += (dKK + dKK.transpose(-1, -2)) @ k
         dbeta = (dvb * v).sum(-1) + kb_rows * gamma + (dLD * p.KK).sum(-1)
         dg = None
         if gated and ctx.needs_input_grad[4]:
