@@ -33,6 +33,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     based,
     cosformer,
     deltanet,
+    flowformer,
     gated_deltanet,
     gated_softmax,
     gla,
@@ -46,6 +47,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     retnet,
     sliding_window,
     softmax,
+    sparse_transformer,
 )
 
 __all__ = [
