@@ -32,6 +32,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     agent,
     based,
     cosformer,
+    cottention,
     deltanet,
     flowformer,
     gated_deltanet,
