@@ -4,6 +4,7 @@ of the chunk), gated (Gated DeltaNet) and ungated (DeltaNet), plus FLA's own nai
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -256,14 +257,32 @@ def test_golden_fla_naive(name, backend):
         torch.testing.assert_close(grad.float(), d["grads"][key], rtol=1e-4, atol=1e-4, msg=f"d{key}")
 
 
-def test_triton_backend_is_refused_with_the_fix(monkeypatch):
-    """No Triton kernel exists for this op: backend='triton' (even where it could run, as under the interpreter)
-    names the fix; 'auto' takes the chunked torch form."""
-    monkeypatch.setattr("attnzoo.kernels.dispatch.triton_available", lambda: True)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    q, k, v, beta, g, _ = make_inputs(1, 8, 2, 4, 4)
-    with pytest.raises(NotImplementedError, match=r"no Triton kernel .* use backend='torch'"):
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (runs under TRITON_INTERPRET=1)")
+@pytest.mark.parametrize(
+    "B,T,H,K,V",
+    [pytest.param(1, 40, 2, 20, 12, id="odd-T40-K20-V12"), pytest.param(1, 5, 1, 8, 80, id="short-T5-V80-two-tiles")],
+)
+@GATED
+def test_triton_matches_reference(gated, B, T, H, K, V):
+    """The Triton state passes under the interpreter: T not a multiple of the chunk (front padding), K and V not
+    multiples of the tiles, V spanning two value tiles, T shorter than the smallest chunk; output, final state and
+    every gradient (beta's, g's, the initial state's) against the recurrence in float64."""
+    inputs = make_inputs(B, T, H, K, V, gated=gated)
+    ref = run_with_grads("reference", *inputs)
+    got = run_with_grads("triton", *inputs, chunk_size=16)
+    for name in NAMES:
+        assert_close(name, ref[name], got[name], 1e-10)
+
+
+def test_triton_refuses_keys_wider_than_one_tile():
+    pytest.importorskip("triton")
+    q, k, v, beta, g, _ = make_inputs(1, 4, 1, 260, 4)
+    with pytest.raises(ValueError, match=r"K <= 256; got K=260\. Use backend='torch'"):
         delta_rule(q, k, v, beta, g, backend="triton")
+
+
+def test_auto_is_torch_on_the_cpu():
+    q, k, v, beta, g, _ = make_inputs(1, 8, 2, 4, 4)
     torch.testing.assert_close(delta_rule(q, k, v, beta, g)[0], delta_rule(q, k, v, beta, g, backend="torch")[0])
 
 

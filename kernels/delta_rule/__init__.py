@@ -12,9 +12,10 @@ i.e. the state is first decayed, then moved towards v_t along k_t by beta_t time
 expected L2-normalised (the layers normalise q and k; FLA's ``use_qk_l2norm_in_kernel`` is not part of this op):
 with ||k_t|| = 1 and beta_t in (0, 1), I - beta_t k_t^T k_t is a contraction and the state stays bounded.
 
-Backends: ``reference`` (token-by-token recurrence, the oracle) and ``torch`` (chunked WY / UT-transform form with
-a hand-written backward: the CPU path, and device-agnostic, so it also runs on CUDA tensors). There is no Triton
-kernel for this op yet: ``backend="auto"`` picks ``torch`` on every device and ``backend="triton"`` raises.
+Backends: ``reference`` (token-by-token recurrence, the oracle), ``torch`` (chunked WY / UT-transform form with a
+hand-written backward: the CPU path, device-agnostic) and ``triton`` (the same chunked algorithm, its two sequential
+passes over chunks as Triton kernels that keep the state on chip; CUDA, or the CPU interpreter with
+``TRITON_INTERPRET=1``). ``backend="auto"`` picks triton for CUDA tensors when triton is installed, torch otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from attnzoo.kernels.dispatch import choose_backend
 __all__ = ["delta_rule", "delta_rule_chunked", "delta_rule_reference"]
 
 
-_BACKENDS = {"reference": delta_rule_reference, "torch": delta_rule_chunked}
+def _triton_backend(*args):
+    from attnzoo.kernels.delta_rule.triton import delta_rule_triton  # triton is imported only on this path
+
+    return delta_rule_triton(*args)
+
+
+_BACKENDS = {"reference": delta_rule_reference, "torch": delta_rule_chunked, "triton": _triton_backend}
 
 
 def delta_rule(
@@ -59,8 +66,8 @@ def delta_rule(
         initial_state: (B, H, K, V) state before position 0, so ``delta_rule(x[:t])`` then
             ``delta_rule(x[t:], initial_state=...)`` equals ``delta_rule(x)``.
         output_final_state: also return the state after the last position.
-        chunk_size: chunk length of the torch backend, a power of two (the result does not depend on it).
-        backend: ``"auto"`` (= ``"torch"``), ``"reference"`` or ``"torch"`` (``"triton"`` raises: no kernel yet).
+        chunk_size: chunk length of the torch/triton backends, a power of two (the result does not depend on it).
+        backend: ``"auto"`` (triton on CUDA, else torch), ``"reference"``, ``"torch"`` or ``"triton"``.
 
     Returns:
         ``(o, state)``: o (B, T, H, V) in v's dtype; state (B, H, K, V) in float32 (float64 for float64 inputs) if
@@ -77,13 +84,6 @@ def delta_rule(
     """
     _check(q, k, v, beta, g, initial_state, chunk_size)
     resolved = choose_backend("delta_rule", backend, q.device)
-    if backend == "auto":
-        resolved = "torch"
-    if resolved == "triton":
-        raise NotImplementedError(
-            "delta_rule: there is no Triton kernel for the delta rule yet; use backend='torch' (the chunked form runs "
-            "on CUDA tensors too) or backend='auto'."
-        )
     impl = _BACKENDS[resolved]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out_dtype = v.dtype

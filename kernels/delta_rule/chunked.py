@@ -110,25 +110,44 @@ def _scan(carry: Tensor, add: Tensor, first: Tensor, reverse: bool = False) -> t
     return xs, x
 
 
+class StatePasses:
+    """The two sequential passes over chunks, the only part that is not one batched matmul over all chunks: the
+    torch form below (a loop of one fused multiply-add per chunk), or Triton kernels that keep the state on chip."""
+
+    @staticmethod
+    def forward(p: _Parts, initial: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(S_n at every chunk start (B, H, N, K, V), u = U - W S_n (B, H, N, C, V), the final state)."""
+        S, final = _scan(p.carry_in, p.k_end.transpose(-1, -2) @ p.U, initial)
+        return S, p.U - p.W @ S, final
+
+    @staticmethod
+    def backward(p: _Parts, qdo: Tensor, Pdo: Tensor, dfinal: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The reverse pass. With a_n the gradient reaching S_{n+1} (a_{N-1} = dfinal), qdo = (Q ⊙ gamma)^T dO and
+        Pdo = ((Q K^T) ⊙ D)^T dO per chunk: du_n = Pdo_n + k_end a_n and a_{n-1} = gamma_last a_n + qdo_n - W^T du_n.
+        Returns (a_n for every chunk, du, the gradient of the initial state)."""
+        # a_{n-1} = F_n^T a_n + (qdo_n - W^T Pdo_n): the same recurrence with the carry transposed
+        after, dinitial = _scan(p.carry_in.transpose(-1, -2), qdo - p.W.transpose(-1, -2) @ Pdo, dfinal, reverse=True)
+        return after, Pdo + p.k_end @ after, dinitial
+
+
 class _ChunkedDeltaRule(torch.autograd.Function):
     """Saves the chunked inputs, the chunk-start states and the UT transform T (memory O(T (K + V + C) + (T / C) K V),
     FLA's choice too: T costs a triangular solve); the backward recomputes D, U, W and u (a few matmuls per chunk)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, scale: float, C: int, initial_state):
+    def forward(ctx, q, k, v, beta, g, scale: float, C: int, initial_state, passes: StatePasses):
         B, T, H, K = q.shape
         q, k, v, beta = _to_chunks(q * scale, C), _to_chunks(k, C), _to_chunks(v, C), _to_chunks(beta, C)
         b = None if g is None else _to_chunks(g, C).cumsum(-1)
         p = _parts(k, v, beta, b)
-        zero = q.new_zeros(B, H, K, v.shape[-1])
-        S, final = _scan(p.carry_in, p.k_end.transpose(-1, -2) @ p.U, zero if initial_state is None else initial_state)
-        u = p.U - p.W @ S
+        initial = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state
+        S, u, final = passes.forward(p, initial)
         q_start = q if p.gamma is None else q * p.gamma[..., None]
         o = torch.baddbmm(
             (q_start @ S).flatten(0, 2), _decayed(q @ k.transpose(-1, -2), p.D).flatten(0, 2), u.flatten(0, 2)
         ).view(u.shape)
         ctx.save_for_backward(q, k, v, beta, b, S, p.Tm)
-        ctx.scale, ctx.T, ctx.has_initial_state = scale, T, initial_state is not None
+        ctx.scale, ctx.T, ctx.has_initial_state, ctx.passes = scale, T, initial_state is not None, passes
         return _from_chunks(o, T), final
 
     @staticmethod
@@ -143,10 +162,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         P = _decayed(QK.clone() if gated else QK, p.D)  # QK itself is needed for the gate's gradient
         q_start = q if not gated else q * p.gamma[..., None]
         Pdo = P.transpose(-1, -2) @ do  # (B, H, N, C, V): the part of du from the outputs
-        # gradient reaching S_n: q_start^T do - W^T P^T do + F_n^T (gradient after chunk n)
-        from_outputs = q_start.transpose(-1, -2) @ do - p.W.transpose(-1, -2) @ Pdo
-        after, dinitial = _scan(p.carry_in.transpose(-1, -2), from_outputs, dfinal, reverse=True)
-        du = Pdo + p.k_end @ after  # (B, H, N, C, V)
+        after, du, dinitial = ctx.passes.backward(p, q_start.transpose(-1, -2) @ do, Pdo, dfinal)
         dP = do @ u.transpose(-1, -2)
         dQK = _decayed(dP, p.D)
         X = do @ S.transpose(-1, -2)  # (B, H, N, C, K) gradient of q_start
@@ -181,7 +197,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             dg = _from_chunks(db.flip(-1).cumsum(-1).flip(-1), T)  # b = cumsum g: dg is the reverse cumsum of db
         dq = _from_chunks(dq, T) * ctx.scale
         dinitial = dinitial if ctx.has_initial_state else None
-        return dq, _from_chunks(dk, T), _from_chunks(dv, T), _from_chunks(dbeta, T), dg, None, None, dinitial
+        return dq, _from_chunks(dk, T), _from_chunks(dv, T), _from_chunks(dbeta, T), dg, None, None, dinitial, None
 
 
 def delta_rule_chunked(
@@ -204,4 +220,4 @@ def delta_rule_chunked(
     """
     T = q.shape[1]
     C = min(chunk_size, 1 << max(T - 1, 0).bit_length())
-    return _ChunkedDeltaRule.apply(q, k, v, beta, g, scale, C, initial_state)
+    return _ChunkedDeltaRule.apply(q, k, v, beta, g, scale, C, initial_state, StatePasses)
