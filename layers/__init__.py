@@ -46,6 +46,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     moh,
     performer,
     retnet,
+    slab,
     sliding_window,
     softmax,
     sparse_transformer,
