@@ -31,6 +31,7 @@ from attnzoo.layers.sdpa import sdpa
 from attnzoo.layers import (  # noqa: F401  isort: skip
     agent,
     based,
+    biformer,
     cosformer,
     cottention,
     deltanet,
@@ -50,6 +51,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     sliding_window,
     softmax,
     sparse_transformer,
+    swin,
 )
 
 __all__ = [

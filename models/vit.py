@@ -13,7 +13,8 @@ timm ViT state_dict loads into a softmax ViT unchanged. Only the attention chang
 * Per-layer attention (hybrids such as ``["gla", "gla", "gla", "softmax"]``) goes through a block factory passed as
   timm's ``block_fn``; timm gives it the block index.
 * Layers that need the 2-D token grid (agent attention) receive ``grid_size=(h, w)`` and ``num_prefix_tokens``
-  whenever ``attention_info(name).options`` lists those options.
+  whenever ``attention_info(name).options`` lists those options, and layers with a ``layer_index`` option receive
+  their block's index (0 .. depth - 1; Swin shifts its windows on odd blocks).
 
 Defaults are timm's ``vit_tiny_patch16_224`` (embed_dim 192, depth 12, heads 3, qkv_bias True); the Hydra config
 ``configs/model/vit.yaml`` sets a CPU-sized model for the 8x8 digits.
@@ -153,7 +154,7 @@ def _new_adapter(name: str, options: dict[str, Any]) -> Any:
 
 
 def timm_attention_class(
-    spec: Any, *, grid_size: tuple[int, int] | None = None, num_prefix_tokens: int = 0
+    spec: Any, *, grid_size: tuple[int, int] | None = None, num_prefix_tokens: int = 0, layer_index: int | None = None
 ) -> type[Attention]:
     """A class timm can use as ``attn_layer`` for the zoo attention ``spec`` (a name or ``{"name": ..., **opts}``).
 
@@ -161,6 +162,7 @@ def timm_attention_class(
         spec: registered attention name or mapping with a ``name`` and the layer's options.
         grid_size: (h, w) patch grid, passed to layers that take ``grid_size`` (agent attention).
         num_prefix_tokens: class/register tokens before the grid, passed to layers that take it.
+        layer_index: the block's index in the backbone, passed to layers that take it (swin), unless the spec sets it.
 
     Raises:
         ValueError: unknown attention, or a layer without ``noncausal_self``.
@@ -181,6 +183,8 @@ def timm_attention_class(
         options["grid_size"] = tuple(int(s) for s in grid_size)
     if "num_prefix_tokens" in valid and "num_prefix_tokens" not in options:
         options["num_prefix_tokens"] = int(num_prefix_tokens)
+    if layer_index is not None and "layer_index" in valid and "layer_index" not in options:
+        options["layer_index"] = int(layer_index)
     # one class per (layer, options): the same spec gives the same class, so isinstance checks and repr stay tidy
     key = f"{name}:{sorted(options.items())!r}"
     if key not in _ADAPTERS:
@@ -257,7 +261,10 @@ class ViT(VisionTransformer, PretrainedMixin):
             raise ValueError(f"ViT: patch_size={patch_size} is larger than img_size={img_size}; no patches.")
         num_prefix = (1 if class_token else 0) + reg_tokens
         specs = per_layer(attention, depth)
-        attn_layers = [timm_attention_class(s, grid_size=grid, num_prefix_tokens=num_prefix) for s in specs]
+        attn_layers = [
+            timm_attention_class(s, grid_size=grid, num_prefix_tokens=num_prefix, layer_index=i)
+            for i, s in enumerate(specs)
+        ]
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
