@@ -48,7 +48,6 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     moh,
     performer,
     retnet,
-    rwkv7,
     slab,
     sliding_window,
     softmax,
