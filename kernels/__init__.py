@@ -9,14 +9,18 @@ from attnzoo.kernels.dispatch import BACKENDS, choose_backend, triton_available
 from attnzoo.kernels.gla import gla, simple_gla
 from attnzoo.kernels.linear_attn import linear_attn
 from attnzoo.kernels.selective_scan import selective_scan
+from attnzoo.kernels.sparse_attention import BlockPattern, band_pattern, sparse_attention
 
 __all__ = [
     "BACKENDS",
+    "BlockPattern",
+    "band_pattern",
     "choose_backend",
     "delta_rule",
     "gla",
     "linear_attn",
     "selective_scan",
     "simple_gla",
+    "sparse_attention",
     "triton_available",
 ]
