@@ -117,33 +117,36 @@ def routed_attention(
         dropout_p: attention dropout.
 
     Returns:
-        (B, H, R, A, D); a query with no real key among its routed regions gets zeros.
+        (B, R, A, H, D); a query with no real key among its routed regions gets zeros.
     """
     B, R, A, H, D = q.shape
     K = regions.shape[-1]
     flat = (regions + torch.arange(B, device=q.device).view(B, 1, 1) * R).reshape(-1)  # (B * R * K,)
 
-    def gather(t: Tensor) -> Tensor:  # (B, R, A, H, D) -> (B, H, R, K * A, D)
-        picked = t.reshape(B * R, A, H, D).index_select(0, flat).view(B, R, K * A, H, D)
-        return picked.permute(0, 3, 1, 2, 4)
+    # 4-D SDPA with the query regions as the batch: (B * R, H, A, D) queries over (B * R, H, K * A [+ P], D) keys
+    def gather(t: Tensor) -> Tensor:  # (B, R, A, H, D) -> (B * R, H, K * A, D)
+        return t.reshape(B * R, A, H, D).index_select(0, flat).view(B * R, K * A, H, D).transpose(1, 2)
 
     keys, values = gather(k), gather(v)
-    mask = key_real.reshape(B * R, A).index_select(0, flat).view(B, 1, R, 1, K * A)
+    mask = key_real.reshape(B * R, A).index_select(0, flat).view(B * R, 1, 1, K * A)
     if shared is not None:
         shared_k, shared_v, shared_real = shared
         P = shared_k.shape[1]
 
-        def broadcast(t: Tensor) -> Tensor:  # (B, P, H, D) -> (B, H, R, P, D)
-            return t.permute(0, 2, 1, 3)[:, :, None].expand(B, H, R, P, D)
+        def broadcast(t: Tensor) -> Tensor:  # (B, P, H, D) -> (B * R, H, P, D)
+            return t.transpose(1, 2)[:, None].expand(B, R, H, P, D).reshape(B * R, H, P, D)
 
-        keys = torch.cat([keys, broadcast(shared_k)], dim=3)
-        values = torch.cat([values, broadcast(shared_v)], dim=3)
-        mask = torch.cat([mask, shared_real.view(B, 1, 1, 1, P).expand(B, 1, R, 1, P)], dim=-1)
+        keys = torch.cat([keys, broadcast(shared_k)], dim=2)
+        values = torch.cat([values, broadcast(shared_v)], dim=2)
+        shared_mask = shared_real[:, None].expand(B, R, P).reshape(B * R, 1, 1, P)
+        mask = torch.cat([mask, shared_mask], dim=-1)
     has_key = mask.any(dim=-1, keepdim=True)
+    queries = q.reshape(B * R, A, H, D).transpose(1, 2)  # (B * R, H, A, D)
     out = F.scaled_dot_product_attention(
-        q.permute(0, 3, 1, 2, 4), keys, values, attn_mask=mask | ~has_key, dropout_p=dropout_p, scale=scale
+        queries, keys, values, attn_mask=mask | ~has_key, dropout_p=dropout_p, scale=scale
     )
-    return out * has_key.to(out.dtype)
+    out = out * has_key.to(out.dtype)
+    return out.transpose(1, 2).reshape(B, R, A, H, D)
 
 
 @register_attention("biformer")
@@ -264,8 +267,8 @@ class BiFormerAttention(Attention):
                 scale=self.scale,
                 shared=shared,
                 dropout_p=dropout_p,
-            )  # (B, H, R, A, D)
-            o = layout.from_windows(o.permute(0, 2, 3, 1, 4).reshape(B, R * A, C))  # (B, L, C)
+            )  # (B, R, A, H, D)
+            o = layout.from_windows(o.reshape(B, R * A, C))  # (B, L, C)
             if self.lepe is not None:
                 weight_, bias_ = self.lepe.weight.to(dtype), self.lepe.bias.to(dtype)
                 image = v[:, P:].transpose(1, 2).reshape(B, C, *([grid[1]] if self.grid_size is None else grid))
