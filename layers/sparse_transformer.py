@@ -44,9 +44,9 @@ COMBINES = ("merged", "split", "local", "global")
 
 
 def _blocks(t: Tensor, n: int, size: int) -> Tensor:
-    """(B, n * size, H, D) -> (B, H, n, size, D)."""
+    """(B, n * size, H, D) -> (B, H, n, size, D), contiguous: batched matmuls on strided operands are slow."""
     B, _, H, D = t.shape
-    return t.view(B, n, size, H, D).permute(0, 3, 1, 2, 4)
+    return t.view(B, n, size, H, D).permute(0, 3, 1, 2, 4).contiguous()
 
 
 def _shift_blocks(t: Tensor, shift: int) -> Tensor:
@@ -178,7 +178,7 @@ class SparseTransformerAttention(Attention):
             k_loc, v_loc, real_loc = kb, vb, realb
             band = a[None, :] <= a[:, None] if causal else torch.ones(L, L, dtype=torch.bool, device=q.device)
             band_column = (a >= L - self.summary_size)[None, :]  # the own block's summary columns
-        s_loc = torch.einsum("bhxad,bhxud->bhxau", qb, k_loc) * scale  # (B, H, n, L, W)
+        s_loc = (qb * scale) @ k_loc.transpose(-1, -2)  # (B, H, n, L, W)
         # a head without the local component still sees the global columns that fall inside this part
         ok_loc = band & real_loc & (local_heads | (band_column & global_heads))
 
@@ -186,32 +186,37 @@ class SparseTransformerAttention(Attention):
         other = x[None, :] < x[:, None] if causal else x[None, :] != x[:, None]  # (n, n): key block x' vs query x
         if self.mode == "strided":
             # residue reshape: key (x', r) shares query (x, r)'s residue mod L; x' != x is exactly |i - j| >= L
-            q_res, k_res = qb.transpose(2, 3), kb.transpose(2, 3)  # (B, H, L, n, D)
-            s_glo = torch.einsum("bhrxd,bhryd->bhxry", q_res, k_res) * scale  # (B, H, n, L, n)
+            q_res, k_res = (t.transpose(2, 3).contiguous() for t in (qb, kb))  # (B, H, L, n, D)
+            s_glo = ((q_res * scale) @ k_res.transpose(-1, -2)).transpose(2, 3)  # (B, H, n, L, n): [x, r, x']
             real_glo = real.view(B, n, L).transpose(1, 2)[:, None, None]  # (B, 1, 1, L, n)
             ok_glo = other[None, None, :, None, :] & real_glo & global_heads
-            v_glo = vb.transpose(2, 3)  # (B, H, L, n, D)
+            v_glo = vb.transpose(2, 3).contiguous()  # (B, H, L, n, D)
         else:
             c = self.summary_size
             k_sum = kb[:, :, :, L - c :].reshape(B, H, n * c, D)  # (B, H, n c, D): every block's summary keys
             v_glo = vb[:, :, :, L - c :].reshape(B, H, n * c, D)
-            s_glo = torch.einsum("bhxad,bhsd->bhxas", qb, k_sum) * scale  # (B, H, n, L, n c)
+            s_glo = (qb * scale).flatten(2, 3) @ k_sum.transpose(-1, -2)  # (B, H, n L, n c)
+            s_glo = s_glo.view(B, H, n, L, n * c)
             real_glo = realb[..., L - c :].reshape(B, 1, 1, 1, n * c)
             ok_glo = other.repeat_interleave(c, dim=1)[None, None, :, None, :] & real_glo & global_heads
 
-        # one softmax over both parts (float32 under autocast); a query with no visible key outputs zero
-        scores = torch.cat([s_loc, s_glo], dim=-1)
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-        ok = torch.cat([ok_loc.expand_as(s_loc), ok_glo.expand_as(s_glo)], dim=-1)
-        has_key = ok.any(dim=-1, keepdim=True)
-        probs = torch.softmax(scores.masked_fill(~ok, float("-inf")).masked_fill(~has_key, 0.0), dim=-1)
-        probs = (probs * has_key).to(v.dtype)
-        p_loc, p_glo = probs.split([s_loc.shape[-1], s_glo.shape[-1]], dim=-1)
-        o = torch.einsum("bhxau,bhxud->bhxad", p_loc, v_loc)  # (B, H, n, L, D)
+        # one softmax over both parts, by hand so every tensor (and gradient) stays contiguous for the matmuls;
+        # statistics in float32 at least; a query with no visible key gets zero weights, hence a zero output
+        compute = torch.promote_types(s_loc.dtype, torch.float32)
+        s_loc = s_loc.to(compute).masked_fill(~ok_loc, float("-inf"))
+        s_glo = s_glo.to(compute).masked_fill(~ok_glo, float("-inf"))
+        with torch.no_grad():  # the shift only guards exp against overflow: softmax does not depend on it
+            row_max = torch.maximum(s_loc.amax(dim=-1, keepdim=True), s_glo.amax(dim=-1, keepdim=True))
+            row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        e_loc, e_glo = torch.exp(s_loc - row_max), torch.exp(s_glo - row_max)
+        total = e_loc.sum(dim=-1, keepdim=True) + e_glo.sum(dim=-1, keepdim=True)
+        total = torch.where(total > 0, total, 1.0)
+        p_loc, p_glo = (e_loc / total).to(v.dtype), (e_glo / total).to(v.dtype)
+        o = p_loc @ v_loc  # (B, H, n, L, D)
         if self.mode == "strided":
-            o = o + torch.einsum("bhxry,bhryd->bhxrd", p_glo, v_glo)
+            o = o + (p_glo.transpose(2, 3) @ v_glo).transpose(2, 3)  # (B, H, L, n, D) -> (B, H, n, L, D)
         else:
-            o = o + torch.einsum("bhxas,bhsd->bhxad", p_glo, v_glo)
+            o = o + (p_glo.flatten(2, 3) @ v_glo).view(B, H, n, L, D)
         return o.permute(0, 2, 3, 1, 4).reshape(B, n * L, H, D)[:, :T]
 
     def _attend_dense(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, q_offset: int) -> Tensor:
