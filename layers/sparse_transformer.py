@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnzoo.kernels.sparse_attention import BlockPattern, sparse_attention
 from attnzoo.layers.kv_cache import KVCache
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
@@ -219,6 +220,16 @@ class SparseTransformerAttention(Attention):
             o = o + (p_glo.flatten(2, 3) @ v_glo).view(B, H, n, L, D)
         return o.permute(0, 2, 3, 1, 4).reshape(B, n * L, H, D)[:, :T]
 
+    def block_pattern(self, seq_len: int, device: torch.device | str | None = None) -> BlockPattern:
+        """The pattern for :func:`attnzoo.kernels.sparse_attention` (FlexAttention on CUDA), blocks of l: the column
+        components reach every earlier block (every block, bidirectional), so all of them are listed."""
+        n = -(-seq_len // self.stride)
+        blocks = torch.arange(n, device=device)
+        kv_blocks = blocks.expand(n, n).clone()
+        if self.causal:
+            kv_blocks = kv_blocks.masked_fill(blocks[None, :] > blocks[:, None], -1)
+        return BlockPattern(self.mask_mod, seq_len, seq_len, self.stride, kv_blocks)
+
     def _attend_dense(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, q_offset: int) -> Tensor:
         """Cached calls: T new queries (positions q_offset ..) against all S kept keys under ``mask_mod``."""
         T, S, H = q.shape[1], k.shape[1], self.num_heads
@@ -252,7 +263,9 @@ class SparseTransformerAttention(Attention):
         offset = 0 if cache is None else cache.length
         if self.rope is not None:
             q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is None or offset == 0:
+        if cache is None and q.is_cuda:  # FlexAttention's fused kernels with the same mask function
+            o = sparse_attention(q, k, v, self.block_pattern(T, q.device), key_mask=padding_mask)
+        elif cache is None or offset == 0:
             o = self._attend_blocked(q, k, v, padding_mask)
             if cache is not None:
                 cache.update(k, v, padding_mask)

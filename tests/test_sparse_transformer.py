@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attnzoo.kernels.sparse_attention import sparse_attention
 from attnzoo.layers import build_attention
 
 DIM, HEADS = 32, 4
+D = DIM // HEADS
 
 
 @functools.cache
@@ -128,6 +130,22 @@ def test_strided_two_hops_reach_every_earlier_position():
     b = paper_sets(T, "strided", stride, 1, True, "global").double()
     reach = (a @ b + b @ a) > 0
     assert torch.equal(reach, torch.ones(T, T).tril().bool())
+
+
+@pytest.mark.parametrize("mode", ["strided", "fixed"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_form_equals_flex_attention_lowering(mode, causal):
+    """The blocked CPU form equals the CUDA lowering of the same mask function, FlexAttention (its CPU forward),
+    and the op's dense reference, with padding."""
+    layer = make(mode=mode, stride=4, summary_size=2, causal=causal, combine="split").float()
+    q, k, v = (torch.randn(2, 19, HEADS, D, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    mask = torch.ones(2, 19, dtype=torch.bool)
+    mask[0, [2, 7]] = False
+    got = layer._attend_blocked(q, k, v, mask)
+    pattern = layer.block_pattern(19)
+    for backend in ("reference", "flex"):
+        ref = sparse_attention(q, k, v, pattern, key_mask=mask, backend=backend)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 class LargestTensor(TorchDispatchMode):
