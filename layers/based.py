@@ -5,7 +5,8 @@ recall-throughput tradeoff", https://arxiv.org/abs/2402.18668
     phi(q) . phi(k) = 1 + s + s^2 / 2,   s = q . k / sqrt(d')    (2nd-order Taylor of exp(s); always >= 1/2)
     o_i = sum_j phi(q_i) . phi(k_j) v_j / (sum_j phi(q_i) . phi(k_j) + eps)
 
-with j <= i for causal patterns, all j otherwise. q and k are projected to H x d' (no bias), v to dim, as in
+with j <= i for causal_self, j <= i + S - T for causal_cross (bottom-right aligned, :mod:`attnzoo.layers.cross`),
+all j otherwise. q and k are projected to H x d' (no bias), v to dim, as in
 HazyResearch/based and fla's ``fla/layers/based.py``. The full map has 1 + d' + d'^2 features (273 at d' = 16, the
 HazyResearch form); ``compact_features`` keeps the upper triangle of x x^T (diagonal x_i^2 / sqrt(2 d'), off-diagonal
 x_i x_j / sqrt(d') for i < j: 1 + 16 + 136 = 153 features, fla's TaylorFeatureMap), which gives the same kernel and
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from attnzoo.kernels import linear_attn
 from attnzoo.kernels.numerics import into
+from attnzoo.layers.cross import aligned_causal_linear_attn, aligned_start
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 
 
@@ -124,7 +126,7 @@ class BasedCache:
 
     batch_size: int
     state: Tensor | None = None  # (B, H, F, V + 1), last column = z; allocated by the first forward
-    length: int = 0
+    length: int = 0  # key positions consumed (context positions in causal_cross)
 
 
 @register_attention("based")
@@ -187,17 +189,18 @@ class BasedAttention(Attention):
         v = self.v_proj(source).view(B, S, H, D)  # (B, S, H, D)
         if padding_mask is not None:  # zero the key features (incl. the constant 1): no trace in S or z
             k = k * padding_mask[:, :, None, None]
-        o, state = linear_attn(
-            q,
-            k,
-            v,
-            causal=self.causal,
-            eps=self.eps,
-            initial_state=None if cache is None else cache.state,
-            output_final_state=cache is not None,
-        )
+        state = None if cache is None else cache.state
+        if self.causal and self.cross:  # bottom-right alignment: query t sees context j <= t + S - T
+            aligned_start(T, S, context_seen=0 if cache is None else cache.length, name=self.name)
+            o, state = aligned_causal_linear_attn(
+                q, k, v, eps=self.eps, initial_state=state, output_final_state=cache is not None
+            )
+        else:
+            o, state = linear_attn(
+                q, k, v, causal=self.causal, eps=self.eps, initial_state=state, output_final_state=cache is not None
+            )
         if cache is not None:
-            cache.state, cache.length = state, cache.length + T
+            cache.state, cache.length = state, cache.length + S
         return self.o_proj(o.reshape(B, T, self.dim))
 
     def new_cache(self, batch_size: int) -> BasedCache:

@@ -22,8 +22,10 @@ default ``max_seq_len``) makes the layer a fixed function of positions, streamab
 position beyond it raises (there the cosine would turn negative). The re-weighting is strongest when ``max_len`` is
 close to the sequence length: set it to your longest sequence. Because only i - j enters the weight, shifting all
 positions by a constant changes nothing, so left padding only matters through the ``max_len`` bound and (with
-``max_len=None``) through M = max(T, S), which counts padded positions. Cross-attention indexes both sequences from 1
-on the same scale, a locality prior that favours i ~ j; causal_cross pairs two aligned streams (S == T).
+``max_len=None``) through M = max(T, S), which counts padded positions. noncausal_cross indexes both sequences from 1
+on the same scale, a locality prior that favours i ~ j. causal_cross aligns them bottom-right (query i of T sees
+context j <= i + S - T, :mod:`attnzoo.layers.cross`) and gives each query the position of the context it is aligned
+to, so the weight of a pair depends on how far back it reads, as in causal_self.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo.kernels import linear_attn
+from attnzoo.layers.cross import aligned_causal_linear_attn, aligned_start
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 
 
@@ -66,6 +69,7 @@ def cosformer_attention(
     max_len: int | None,
     eps: float = 1e-6,
     offset: int = 0,
+    query_offset: int | None = None,
     padding_mask: Tensor | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
@@ -74,13 +78,16 @@ def cosformer_attention(
     """cosFormer attention on projected, non-negative (ReLU'd) per-head q and k (the functional core of the layer).
 
     Args:
-        q: (B, T, H, D) query features relu(q), positions offset + 1 .. offset + T.
+        q: (B, T, H, D) query features relu(q), positions query_offset + 1 .. query_offset + T.
         k: (B, S, H, D) key features relu(k), positions offset + 1 .. offset + S.
         v: (B, S, H, V) values.
-        causal: query i sees keys j <= i (S == T).
+        causal: query t sees keys j <= t + S - T (bottom-right aligned; the plain causal mask when S == T); pass
+            ``query_offset = offset + S - T`` so that each query takes the position of the key it is aligned to.
         max_len: M; None = max(T, S) of this call (official; non-causal only, offset 0).
         eps: clamp of the denominator.
-        offset: positions already consumed (decoding).
+        offset: key positions already consumed (decoding).
+        query_offset: positions before q[:, 0] (default ``offset``); may be negative in causal_cross, where the
+            queries before the first key see nothing.
         padding_mask: (B, S) bool, True = real key; padded keys get zero features.
         initial_state: (B, H, 2D, V + 1) from an earlier call: rows :D = sum relu(k) sin t [v, 1],
             rows D: = sum relu(k) cos t [v, 1] (S_sin, S_cos and, in the last column, z_sin, z_cos).
@@ -91,13 +98,14 @@ def cosformer_attention(
         ``(o, state)``: o (B, T, H, V) in float32 (float64 for float64 inputs), state or None.
     """
     T, S = q.shape[1], k.shape[1]
+    query_offset = offset if query_offset is None else query_offset
     if max_len is None:
         if causal or offset:
             raise ValueError(f"{name}: max_len=None (M = max(T, S) per call) has no prefix-consistent causal form.")
         M = max(T, S)
     else:
         M = max_len
-        last = offset + max(T, S)
+        last = max(query_offset + T, offset + S)
         if last > M:
             raise ValueError(
                 f"{name}: position {last} exceeds max_len={M} (beyond it cos(pi/2 (i - j) / M) turns negative); build "
@@ -108,20 +116,30 @@ def cosformer_attention(
     # features, sums and the denominator in float32 even under bf16/fp16 autocast
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
-        q_feat = reweighted_features(q, offset=offset, M=M)  # (B, T, H, 2D)
+        q_feat = reweighted_features(q, offset=query_offset, M=M)  # (B, T, H, 2D)
         k_feat = reweighted_features(k, offset=offset, M=M)  # (B, S, H, 2D)
         if padding_mask is not None:
             k_feat = k_feat * padding_mask[:, :, None, None]
         v_ext = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, S, H, V + 1): last column -> z
-        o, state = linear_attn(
-            q_feat,
-            k_feat,
-            v_ext,
-            causal=causal,
-            normalize=False,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-        )
+        if causal:  # bottom-right aligned; with S == T the equal-length causal kernel itself
+            o, state = aligned_causal_linear_attn(
+                q_feat,
+                k_feat,
+                v_ext,
+                normalize=False,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+            )
+        else:
+            o, state = linear_attn(
+                q_feat,
+                k_feat,
+                v_ext,
+                causal=False,
+                normalize=False,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+            )
         # clamp, not add (official): a dead ReLU row gives 0 / eps = 0 rather than NaN
         o = o[..., :-1] / o[..., -1:].clamp_min(eps)
     return o, state
@@ -130,7 +148,8 @@ def cosformer_attention(
 @dataclass
 class CosformerCache:
     """Decoding state of one causal cosFormer layer: ``state`` (B, H, 2D, D + 1) packs S_sin, S_cos (value columns)
-    and z_sin, z_cos (last column); ``position`` = tokens consumed (the next token has position ``position + 1``)."""
+    and z_sin, z_cos (last column); ``position`` = key positions consumed, context positions in causal_cross (the
+    next key has position ``position + 1``)."""
 
     batch_size: int
     state: Tensor | None = None
@@ -196,6 +215,10 @@ class CosFormer(Attention):
         H, D = self.num_heads, self.head_dim
         source = context if self.cross else x
         S = source.shape[1]
+        offset = 0 if cache is None else cache.position
+        query_offset = offset  # causal_cross: each query takes the position of the context it is aligned to
+        if self.causal and self.cross:
+            query_offset = aligned_start(T, S, context_seen=offset, name=self.name)
         q = F.relu(self.q_proj(x)).view(B, T, H, D)  # ReLU before the head split, elementwise: same thing
         k = F.relu(self.k_proj(source)).view(B, S, H, D)
         v = self.v_proj(source).view(B, S, H, D)
@@ -206,14 +229,15 @@ class CosFormer(Attention):
             causal=self.causal,
             max_len=self.max_len,
             eps=self.eps,
-            offset=0 if cache is None else cache.position,
+            offset=offset,
+            query_offset=query_offset,
             padding_mask=padding_mask,
             initial_state=None if cache is None else cache.state,
             output_final_state=cache is not None,
         )  # (B, T, H, D)
         if cache is not None:
             cache.state = state
-            cache.position += T
+            cache.position += S
         return self.out_proj(o.reshape(B, T, self.dim).to(x.dtype))
 
     def new_cache(self, batch_size: int) -> CosformerCache:

@@ -4,10 +4,11 @@ Attention", https://arxiv.org/abs/2006.16236
     phi(x) = elu(x) + 1  (> 0)
     o_i = phi(q_i) S / (phi(q_i) . z + eps),   S = sum_j phi(k_j)^T v_j,   z = sum_j phi(k_j)
 
-with the sums over j <= i for causal patterns (streaming: S_t = S_{t-1} + phi(k_t)^T v_t, z_t = z_{t-1} + phi(k_t)),
-over all keys otherwise. No 1/sqrt(D) scale (the paper's form; a scale on q would cancel in the ratio except against
-eps). Defaults: eps = 1e-6 (paper / fast-transformers), projections with bias as fast-transformers' AttentionLayer
-(``nn.Linear`` defaults). Padded keys get zero features, so they leave both S and z untouched. The math runs through
+with the sums over j <= i for causal patterns (streaming: S_t = S_{t-1} + phi(k_t)^T v_t, z_t = z_{t-1} + phi(k_t);
+causal_cross: j <= i + S - T, bottom-right aligned, :mod:`attnzoo.layers.cross`), over all keys otherwise. No
+1/sqrt(D) scale (the paper's form; a scale on q would cancel in the ratio except against eps). Defaults: eps = 1e-6
+(paper / fast-transformers), projections with bias as fast-transformers' AttentionLayer (``nn.Linear`` defaults).
+Padded keys get zero features, so they leave both S and z untouched. The math runs through
 :func:`attnzoo.kernels.linear_attn` (chunked on CPU, O(T) time and memory).
 """
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.kernels import linear_attn
+from attnzoo.layers.cross import aligned_causal_linear_attn, aligned_start
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 
 
@@ -39,7 +41,7 @@ class LinearAttentionCache:
 
     batch_size: int
     state: Tensor | None = None  # (B, H, K, V + 1), last column = z; allocated by the first forward
-    length: int = 0
+    length: int = 0  # key positions consumed (context positions in causal_cross)
 
 
 @register_attention("linear")
@@ -94,17 +96,18 @@ class LinearAttention(Attention):
         v = self.v_proj(source).view(B, S, H, D)  # (B, S, H, D)
         if padding_mask is not None:  # zero the key features: a padded key adds nothing to S or z
             k = k * padding_mask[:, :, None, None]
-        o, state = linear_attn(
-            q,
-            k,
-            v,
-            causal=self.causal,
-            eps=self.eps,
-            initial_state=None if cache is None else cache.state,
-            output_final_state=cache is not None,
-        )
+        state = None if cache is None else cache.state
+        if self.causal and self.cross:  # bottom-right alignment: query t sees context j <= t + S - T
+            aligned_start(T, S, context_seen=0 if cache is None else cache.length, name=self.name)
+            o, state = aligned_causal_linear_attn(
+                q, k, v, eps=self.eps, initial_state=state, output_final_state=cache is not None
+            )
+        else:
+            o, state = linear_attn(
+                q, k, v, causal=self.causal, eps=self.eps, initial_state=state, output_final_state=cache is not None
+            )
         if cache is not None:
-            cache.state, cache.length = state, cache.length + T
+            cache.state, cache.length = state, cache.length + S
         return self.o_proj(o.reshape(B, T, self.dim))
 
     def new_cache(self, batch_size: int) -> LinearAttentionCache:

@@ -8,13 +8,19 @@ The contract, in full:
 
 * ``forward(x, *, context=None, padding_mask=None, cache=None)``: ``x`` (B, T, dim) -> (B, T, dim). ``context``
   (B, S, dim) for cross patterns. ``padding_mask`` is a bool mask over the keys/values, True = real token: (B, S) for
-  cross, (B, T) for self. Padded keys have no influence on any output. With a ``cache`` the mask covers only the T new
-  positions; the cache remembers the earlier ones.
-* ``causal_cross`` pairs query i with context positions j <= i, so it needs S == T (two aligned streams, e.g. a
-  decoder reading an encoder of the same length); with a cache, each call passes the next T positions of both.
+  cross, (B, T) for self. Padded keys have no influence on any output. With a ``cache`` the mask covers only the new
+  positions (T for self, S for cross); the cache remembers the earlier ones.
+* ``causal_cross`` aligns the two streams bottom-right (FlashAttention's convention for causal with seqlen_q !=
+  seqlen_k): query i (0-based, of T) sees context positions j <= i + S - T. The last query sees the whole context;
+  with S == T it is the plain causal mask of two aligned streams, with S < T the first T - S queries see nothing and
+  output zeros. With a cache each call passes the next T query and the next S >= 1 context positions, aligned on the
+  totals seen so far; a call may not hide cached context from its first query (T <= S + 1 once the cache holds
+  context). Prefill-then-step equals one full forward when every call adds as many query as context positions.
+  The shared helpers are in :mod:`attnzoo.layers.cross`.
 * ``new_cache(batch_size)`` returns the per-layer decoding state; given it, ``forward`` treats ``x`` as the next T >= 1
   positions and updates the cache in place. Prefill-then-step equals one full forward.
-* ``state_size(seq_len)`` is the number of values kept per sequence for decoding (Zoology's recall-vs-state axis).
+* ``state_size(seq_len)`` is the number of values kept per sequence for decoding (Zoology's recall-vs-state axis);
+  for ``causal_cross``, ``seq_len`` counts the context positions consumed (what a KV cache holds).
 * ``aux_loss`` is None or a scalar training loss set by the last forward (MoH's load balance); models sum them.
 * Every layer takes keyword-only ``device=`` and ``dtype=`` like a torch module, without declaring them: the base
   class adds them to each subclass's constructor (:mod:`attnzoo.layers.factory`). Parameters a layer keeps in float32
@@ -120,11 +126,8 @@ class Attention(nn.Module):
                 raise ValueError(
                     f"{label}: context must have shape (B={x.shape[0]}, S, dim={self.dim}); got {tuple(context.shape)}."
                 )
-            if self.causal and context.shape[1] != x.shape[1]:
-                raise ValueError(
-                    f"{label}: causal_cross pairs query i with context positions <= i, so context must have the same "
-                    f"length as x; got T={x.shape[1]}, S={context.shape[1]}."
-                )
+            if context.shape[1] == 0:
+                raise ValueError(f"{label}: context has no positions (S=0); pass at least one context token.")
         elif context is not None:
             raise ValueError(
                 f"{label} is a self-attention layer (cross=False); build it with cross=True to pass context=."

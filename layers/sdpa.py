@@ -31,7 +31,8 @@ def sdpa(
         v: (B, S, H, Dv) values.
         causal: query at position p sees keys at positions <= p.
         key_mask: (B, S) bool, True = real key; padded keys get zero weight.
-        q_offset: position of the first query (the cache length before this call).
+        q_offset: position of the first query among the keys' (the cache length before this call; in causal_cross
+            the bottom-right aligned position, negative when the first queries come before every key).
         window: with ``causal``, a query at p sees only keys in (p - window, p] (sliding-window attention).
         dropout_p: attention-probability dropout (pass 0.0 in eval).
         scale: logit scale, default D^-1/2.

@@ -8,7 +8,8 @@ Query i sees its own position and the w - 1 before it, so a decoder keeps only t
 a fixed-size window buffer (ring buffer semantics, kept in position order) and decoding costs O(w) per token. Default
 window 64: the Based paper's ablations use 64-128, its 360M config 256 (``based-360m.yaml``). RoPE on q and k (base
 10000, as in Based's attention layers) is on by default, because the layer has no other position signal. Patterns:
-causal_self and causal_cross (query i reads context positions (i - w, i] of an aligned stream). The masks run through
+causal_self and causal_cross (query i of T reads context positions (p - w, p] of S, p = i + S - T: the window is
+counted on the bottom-right aligned positions). The masks run through
 :func:`attnzoo.layers.sdpa.sdpa` with ``window=``. The Based recipe alternates it with ``based`` per layer:
 ``GPT(..., attention=["sliding_window", "based"])``.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from attnzoo.layers.cross import aligned_start, rotate_from
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
 from attnzoo.layers.sdpa import sdpa
@@ -76,7 +78,7 @@ class SlidingWindowAttention(Attention):
             dim: model width.
             num_heads: heads; head_dim = dim // num_heads.
             causal: must be True (the window looks back).
-            cross: keys/values from an aligned ``context`` stream (causal_cross).
+            cross: keys/values from a ``context`` stream, aligned bottom-right (causal_cross).
             window: w, number of positions each query sees, itself included (Based ablations 64-128; 360M config 256).
             rope: rotary position embedding on q and k.
             rope_base: RoPE frequency base.
@@ -104,17 +106,20 @@ class SlidingWindowAttention(Attention):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         source = context if self.cross else x
+        S = source.shape[1]
         q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
-        k = self.k_proj(source).view(B, T, H, D)  # (B, T, H, D); causal patterns have S == T
-        v = self.v_proj(source).view(B, T, H, D)
-        offset = 0 if cache is None else cache.length  # absolute position of the first new token
+        k = self.k_proj(source).view(B, S, H, D)  # (B, S, H, D)
+        v = self.v_proj(source).view(B, S, H, D)
+        offset = 0 if cache is None else cache.length  # absolute position of the first new key
+        # absolute position of the first query: the same as its key's in self-attention, bottom-right aligned in cross
+        q_start = aligned_start(T, S, context_seen=offset, name=self.name) if self.cross else offset
         if self.rope is not None:
-            q, k = self.rope(q, offset), self.rope(k, offset)
-        key_mask, q_offset = padding_mask, 0
+            q, k = rotate_from(self.rope, q, q_start), self.rope(k, offset)
+        key_mask, q_offset = padding_mask, q_start
         if cache is not None:
             kept = 0 if cache.keys is None else cache.keys.shape[1]
             k, v, key_mask = cache.update(k, v, padding_mask)
-            q_offset = kept  # keys now start `kept` positions before the first query
+            q_offset = q_start - (offset - kept)  # the kept keys start at absolute position offset - kept
         # a window covering every key is plain causal attention: skip the band mask (and keep SDPA's fast path)
         window = None if k.shape[1] <= self.window else self.window
         o = sdpa(q, k, v, causal=True, key_mask=key_mask, q_offset=q_offset, window=window)  # (B, T, H, D)

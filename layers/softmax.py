@@ -5,14 +5,16 @@
 Parameter names are timm's (``qkv``, ``proj``, ``q_norm``, ``k_norm``; timm/layers/attention.py) so timm ViT weights
 load without renaming; cross-attention splits the projection into ``q`` and ``kv``. Defaults follow timm's
 ``Attention`` (qkv_bias False, proj_bias True, qk_norm as LayerNorm over the head dim). RoPE (``rope=True``,
-base 10000, RoFormer) rotates q and k by their own positions; in causal_cross the two streams are aligned, in
-noncausal_cross it is a locality prior between them. The math runs through ``F.scaled_dot_product_attention``.
+base 10000, RoFormer) rotates q and k by their own positions; in causal_cross a query takes the context position it
+is aligned to (bottom-right: query i of T sits at i + S - T of S), in noncausal_cross it is a locality prior between
+the two streams indexed from 0. The math runs through ``F.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from attnzoo.layers.cross import aligned_start, rotate_from
 from attnzoo.layers.kv_cache import KVCache
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
@@ -80,16 +82,23 @@ class SoftmaxAttention(Attention):
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, *, padding_mask: Tensor | None = None, cache: KVCache | None = None
     ) -> Tensor:
-        """qk-norm, RoPE at the cache's offset, the cache update and masked SDPA: (B, T, H, D)."""
+        """qk-norm, RoPE at the cache's offset, the cache update and masked SDPA: (B, T, H, D).
+
+        Positions count keys: the cache's length is the keys (context positions, in cross) it holds. In causal_cross
+        the first query sits at context position ``aligned_start`` (bottom-right alignment, possibly negative).
+        """
         q, k = self.q_norm(q), self.k_norm(k)
-        offset = cache.length if cache is not None else 0
+        offset = cache.length if cache is not None else 0  # keys before this call's first key
+        q_offset = offset
+        if self.causal and self.cross:
+            q_offset = aligned_start(q.shape[1], k.shape[1], context_seen=offset, name=self.name)
         if self.rope is not None:
-            q, k = self.rope(q, offset), self.rope(k, offset)
+            q, k = rotate_from(self.rope, q, q_offset), self.rope(k, offset)
         key_mask = padding_mask
         if cache is not None:
             k, v, key_mask = cache.update(k, v, padding_mask)
         dropout_p = self.attn_drop if self.training else 0.0
-        return sdpa(q, k, v, causal=self.causal, key_mask=key_mask, q_offset=offset, dropout_p=dropout_p)
+        return sdpa(q, k, v, causal=self.causal, key_mask=key_mask, q_offset=q_offset, dropout_p=dropout_p)
 
     def forward(
         self,

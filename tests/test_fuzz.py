@@ -2,7 +2,8 @@
 
 Hypothesis draws the batch, the length (1 .. 300, so lengths that are no multiple of any chunk size and the single
 token case both appear), heads, head dims, a padding pattern and cache split points, and checks the contract's
-properties: finite outputs, causality, cache == full forward, padding invariance. Bounded (few examples per case, no
+properties: finite outputs, causality, cache == full forward, padding invariance; causal_cross with a context
+length S != T (bottom-right alignment). Bounded (few examples per case, no
 deadline) so the default run stays short; the long-sequence check is slow-marked.
 """
 
@@ -36,7 +37,11 @@ def problems(draw, pattern: str):
     T = draw(st.sampled_from([1, 2, 7, 63, 65, 129, 300]) | st.integers(1, 300))
     heads = draw(st.sampled_from([1, 2, 4]))
     head_dim = draw(st.sampled_from([8, 12, 16]))
-    S = T if pattern != "noncausal_cross" else draw(st.integers(1, 200))
+    S = T  # self: the keys are x; causal_cross: S = T + offset, bottom-right aligned (query i sees j <= i + S - T)
+    if pattern == "noncausal_cross":
+        S = draw(st.integers(1, 200))
+    elif pattern == "causal_cross":
+        S = T + draw(st.sampled_from([0, 1, -1]) | st.integers(1 - T, 40))
     keep = draw(st.lists(st.booleans(), min_size=B * S, max_size=B * S))
     splits = sorted(set(draw(st.lists(st.integers(1, max(T - 1, 1)), max_size=4))))
     return B, T, S, heads, head_dim, keep, [s for s in splits if 0 < s < T]
@@ -82,15 +87,24 @@ def test_fuzz_contract(name, pattern):
         if not layer.causal:
             return
         dense = layer(x, **ctx)
-        # causality: the prefix's outputs do not depend on what follows
+        # query position q reads context up to q + offset (bottom-right alignment; offset 0 for self-attention)
+        offset = S - T
+        # a call needs at least one context position: split points before the context starts are dropped
+        splits = [t for t in splits if t + offset >= 1]
+        # causality: the prefix's outputs do not depend on what follows (in both streams)
         t = splits[0] if splits else T
-        prefix = layer(x[:, :t], context=None if context is None else context[:, :t])
+        prefix = layer(x[:, :t], context=None if context is None else context[:, : t + offset])
         torch.testing.assert_close(prefix, dense[:, :t], atol=1e-9, rtol=1e-9)
-        # cache: prefill + chunks at the drawn split points == one full forward
+        # cache: prefill + chunks at the drawn split points == one full forward (each chunk adds as many query as
+        # context positions, so the offset stays S - T)
         cache = layer.new_cache(B)
         bounds = [0, *splits, T]
         parts = [
-            layer(x[:, a:b], cache=cache, context=None if context is None else context[:, a:b])
+            layer(
+                x[:, a:b],
+                cache=cache,
+                context=None if context is None else context[:, (a + offset if a else 0) : b + offset],
+            )
             for a, b in itertools.pairwise(bounds)
         ]
         torch.testing.assert_close(torch.cat(parts, dim=1), dense, atol=1e-9, rtol=1e-9)
