@@ -14,6 +14,7 @@ from attnzoo.data.cache import cache_path, cached_tensors, config_hash
 from attnzoo.data.images import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
 from attnzoo.data.listops import ListOpsDataModule
 from attnzoo.data.mqar import MQARDataModule, generate_mqar
+from attnzoo.data.seq2seq import Seq2SeqDataModule, generate_seq2seq
 from attnzoo.data.text import TextDataModule
 from attnzoo.errors import unknown
 from attnzoo.targets import class_options, resolve_class
@@ -25,6 +26,7 @@ DATAMODULES: dict[str, type] = {
     "mnist": MNISTDataModule,
     "listops": ListOpsDataModule,
     "text": TextDataModule,
+    "seq2seq": Seq2SeqDataModule,
 }
 
 
@@ -56,9 +58,11 @@ def build_datamodule(data_cfg: Any):
 __all__ = [
     "DATAMODULES",
     "MQARDataModule",
+    "Seq2SeqDataModule",
     "build_datamodule",
     "cache_path",
     "cached_tensors",
     "config_hash",
     "generate_mqar",
+    "generate_seq2seq",
 ]

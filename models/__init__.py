@@ -4,6 +4,7 @@ from attnzoo.models import timm_models  # noqa: F401  registers attnzoo_vit_* wi
 from attnzoo.models.encoder import Encoder
 from attnzoo.models.gpt import GPT
 from attnzoo.models.io import load_checkpoint, load_weights, save_weights
+from attnzoo.models.seq2seq import Seq2Seq
 from attnzoo.models.specs import per_layer
 from attnzoo.models.swap import SwapReport, swap_attention
 from attnzoo.models.vit import ViT, timm_attention_class
@@ -13,12 +14,14 @@ MODELS: dict[str, type] = {
     "gpt": GPT,
     "vit": ViT,
     "encoder": Encoder,
+    "seq2seq": Seq2Seq,
 }
 
 __all__ = [
     "GPT",
     "MODELS",
     "Encoder",
+    "Seq2Seq",
     "SwapReport",
     "ViT",
     "load_checkpoint",

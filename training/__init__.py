@@ -8,10 +8,12 @@ from attnzoo.training.classification import ClassificationTask
 from attnzoo.training.lm import LanguageModelTask
 from attnzoo.training.optim import build_optimizer, param_groups, warmup_cosine
 from attnzoo.training.run import ConfigError, resolve_attention, run
+from attnzoo.training.seq2seq import Seq2SeqTask
 
 TASKS: dict[str, type] = {
     "lm": LanguageModelTask,
     "classification": ClassificationTask,
+    "seq2seq": Seq2SeqTask,
 }
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "BaseTask",
     "ConfigError",
     "LanguageModelTask",
+    "Seq2SeqTask",
     "build_model",
     "build_optimizer",
     "param_groups",
