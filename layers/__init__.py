@@ -48,6 +48,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     moh,
     performer,
     retnet,
+    rwkv7,
     slab,
     sliding_window,
     softmax,

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from attnzoo.layers import Block, create_norm
 from attnzoo.layers.factory import accepts_device_dtype
 from attnzoo.models.pretrained import PretrainedMixin
-from attnzoo.models.specs import per_layer
+from attnzoo.models.specs import link_layers, per_layer, with_position
 
 POSITIONS = ("none", "learned")
 
@@ -76,7 +76,7 @@ class GPT(nn.Module, PretrainedMixin):
         self.tok_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim) if positions == "learned" else None
         self.drop = nn.Dropout(dropout)
-        specs = per_layer(attention, depth)
+        specs = [with_position(spec, i, depth) for i, spec in enumerate(per_layer(attention, depth))]
         self.blocks = nn.ModuleList(
             Block(
                 dim,
@@ -91,6 +91,7 @@ class GPT(nn.Module, PretrainedMixin):
             )
             for i, spec in enumerate(specs)
         )
+        link_layers([block.attn for block in self.blocks])  # cross-layer state such as RWKV-7's value residual
         self.norm = create_norm(norm, dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self._init_own_weights()
