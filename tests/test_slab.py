@@ -7,12 +7,25 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.layers import build_attention
-from attnzoo.layers.slab import depthwise_conv_same
+
+
+def shifted_sum_conv(x, weight, bias, padding):
+    """Depthwise cross-correlation of (N, C, L) or (N, C, h, w) with zero padding, as a sum of shifted copies."""
+    k = weight.shape[-1]
+    if x.dim() == 3:
+        padded = F.pad(x, (padding, padding))
+        L = padded.shape[-1] - k + 1
+        return sum(weight[:, 0, j, None] * padded[..., j : j + L] for j in range(k)) + bias[:, None]
+    padded = F.pad(x, (padding,) * 4)
+    h, w = padded.shape[-2] - k + 1, padded.shape[-1] - k + 1
+    taps = (weight[:, 0, i, j, None, None] * padded[..., i : i + h, j : j + w] for i in range(k) for j in range(k))
+    return sum(taps) + bias[:, None, None]
 
 
 def quadratic_slab(layer, x, mask=None):
     """The T x T form: A = relu(q) relu(k + PE)^T (lower-triangular if causal), o = A V / (A 1 + eps) + DWC(V),
-    with the DWC as torch's own conv1d/conv2d (causal: left padding of kernel_size - 1), float64."""
+    with the DWC written as kernel_size (or k x k) shifted multiply-adds (causal: left padding of kernel_size - 1),
+    independent of the layer's torch convolutions, float64."""
     B, T, C = x.shape
     H, D, P = layer.num_heads, layer.head_dim, layer.num_prefix_tokens
     q, k, v = layer.qkv(x).view(B, T, 3, C).unbind(2)
@@ -29,12 +42,12 @@ def quadratic_slab(layer, x, mask=None):
     kernel = layer.kernel_size
     heads = v[:, P:].permute(0, 2, 3, 1).reshape(B * H, D, T - P)  # (B*H, D, L)
     if layer.causal:
-        conv = F.conv1d(F.pad(heads, (kernel - 1, 0)), layer.dwc.weight, layer.dwc.bias, groups=D)
+        conv = shifted_sum_conv(F.pad(heads, (kernel - 1, 0)), layer.dwc.weight, layer.dwc.bias, padding=0)
     elif layer.grid_size is None:
-        conv = F.conv1d(heads, layer.dwc.weight, layer.dwc.bias, padding=kernel // 2, groups=D)
+        conv = shifted_sum_conv(heads, layer.dwc.weight, layer.dwc.bias, padding=kernel // 2)
     else:
         grid = heads.reshape(B * H, D, *layer.grid_size)
-        conv = F.conv2d(grid, layer.dwc.weight, layer.dwc.bias, padding=kernel // 2, groups=D).flatten(2)
+        conv = shifted_sum_conv(grid, layer.dwc.weight, layer.dwc.bias, padding=kernel // 2).flatten(2)
     o = torch.cat([o[:, :P], o[:, P:] + conv.reshape(B, H, D, T - P).permute(0, 3, 1, 2)], dim=1)
     return layer.proj(o.reshape(B, T, C))
 
@@ -65,13 +78,14 @@ def test_layer_equals_quadratic_form(kwargs, T):
     torch.testing.assert_close(layer(x), quadratic_slab(layer, x), atol=1e-12, rtol=1e-10)
 
 
-def test_depthwise_conv_same_equals_torch_conv():
+def test_oracle_convolution_equals_torch_conv():
     gen = torch.Generator().manual_seed(0)
     x1, w1 = torch.randn(3, 6, 11, generator=gen), torch.randn(6, 1, 5, generator=gen)
     x2, w2 = torch.randn(3, 6, 4, 7, generator=gen), torch.randn(6, 1, 5, 5, generator=gen)
     bias = torch.randn(6, generator=gen)
-    torch.testing.assert_close(depthwise_conv_same(x1, w1, bias), F.conv1d(x1, w1, bias, padding=2, groups=6))
-    torch.testing.assert_close(depthwise_conv_same(x2, w2, bias), F.conv2d(x2, w2, bias, padding=2, groups=6))
+    torch.testing.assert_close(shifted_sum_conv(x1, w1, bias, 2), F.conv1d(x1, w1, bias, padding=2, groups=6))
+    torch.testing.assert_close(shifted_sum_conv(x2, w2, bias, 2), F.conv2d(x2, w2, bias, padding=2, groups=6))
+    torch.testing.assert_close(shifted_sum_conv(x1, w1, bias, 0), F.conv1d(x1, w1, bias, groups=6))
 
 
 def test_padding_matches_the_oracle_and_padded_values_reach_no_dwc():
