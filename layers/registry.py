@@ -26,8 +26,9 @@ The contract, in full:
   class adds them to each subclass's constructor (:mod:`attnzoo.layers.factory`). Parameters a layer keeps in float32
   at least under half precision are listed in its ``float32_params``.
 * Optional, for layers whose construction or state depends on their place in a stack: ``layer_index`` and
-  ``num_layers`` options, which a backbone fills in when the spec leaves them unset
-  (:func:`attnzoo.models.specs.with_position`; swin alternates its shift, RWKV-7 scales its initialisation), and a
+  ``num_layers`` options, which a backbone fills in when the spec leaves them unset (GPT through
+  :func:`attnzoo.models.specs.with_position`, the ViT passes ``layer_index``; swin alternates its shift with it,
+  RWKV-7 scales its initialisation), and a
   ``link_layers(layers)`` classmethod that the GPT backbone calls once with the class's instances in stack order
   (:func:`attnzoo.models.specs.link_layers`; RWKV-7's value residual reads the first layer's values).
 """
