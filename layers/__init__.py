@@ -47,7 +47,6 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     mamba,
     mamba2,
     moh,
-    neighborhood,
     performer,
     retnet,
     rwkv7,
