@@ -106,7 +106,11 @@ def band_kv_blocks(
         raise ValueError(f"band_kv_blocks: min_offset={min_offset} must be <= max_offset={max_offset}.")
     nqb, nkb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
     shift = kv_len - q_len
-    width = min(nkb, (block_size - 1 + max_offset - min_offset - 1) // block_size + 2)  # blocks one range can span
+    # a query block's key range holds block_size + max_offset - min_offset positions and starts at offset
+    # (shift + min_offset) mod block_size inside its first key block, the same for every query block: that fixes
+    # how many key blocks it can span (one fewer than an unaligned range of that length, in the common case)
+    start_in_block = (shift + min_offset) % block_size
+    width = min(nkb, (start_in_block + block_size + max_offset - min_offset - 1) // block_size + 1)
     q_start = torch.arange(nqb, device=device) * block_size
     q_end = torch.clamp(q_start + block_size - 1, max=q_len - 1)
     first = torch.clamp(q_start + shift + min_offset, min=0) // block_size  # (nqb,)
