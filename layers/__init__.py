@@ -47,6 +47,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     mamba,
     mamba2,
     moh,
+    neighborhood,
     performer,
     retnet,
     rwkv7,
