@@ -47,6 +47,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     mamba,
     mamba2,
     moh,
+    nalaformer,
     neighborhood,
     performer,
     retnet,
