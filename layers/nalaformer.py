@@ -25,10 +25,18 @@ CPU, O(T)) and causal NaLa decodes with the constant state S (2D x D), z (2D) pe
 
 Defaults and names from ``NormAwareLinearAttn``: one fused ``qkvg`` projection (dim -> 4 dim, with bias; order q, k,
 v, g), ``ln`` = LayerNorm(dim) and SiLU gate on the attention output, ``out_proj`` with bias, features and sums in
-float32. ``gate=False`` drops g, the LayerNorm and the SiLU (``qkvg`` then projects to 3 dim). Left out here: the
-official block's LePE (a 5 x 5 depthwise convolution of V on the image grid, added to o before the LayerNorm) and
-its 2-D RoPE on the numerator features; both are positional, and the zoo's backbones bring their own positions.
-The paper's home is vision (non-causal); the causal form is the same equations with prefix sums (this zoo's).
+float32. ``gate=False`` drops g, the LayerNorm and the SiLU (``qkvg`` then projects to 3 dim).
+
+LePE (official ``lepe``): a depthwise convolution of V (one filter per channel of dim, with bias, zero 'same'
+padding) added to o before the LayerNorm, 5 x 5 in the official model. Layouts as the zoo's SLAB layer: on a 2-D
+token grid (``grid_size=(h, w)``, row-major; the ViT backbone passes its patch grid) a k x k ``Conv2d`` (the official
+module, so its weights load); on a 1-D sequence a centred length-k ``Conv1d``; for ``causal_self`` a causal length-k
+convolution (the current token and the k - 1 before it, this zoo's form), whose last k - 1 inputs ride in the
+decoding cache. Prefix tokens (``num_prefix_tokens``, the ViT's class token) take part in the attention but get no
+LePE (they have no grid position). Cross-attention has no LePE (the values live on the context's positions, not the
+queries'): ``lepe_kernel=None`` means 5 for self-attention and 0 for cross. Padded tokens get zero values before the
+convolution. Left out: the official 2-D RoPE on the numerator features (the zoo's backbones bring their own
+positions). The paper's home is vision (non-causal); the causal form is the same equations with prefix sums.
 """
 
 from __future__ import annotations
@@ -41,9 +49,11 @@ from torch import Tensor, nn
 
 from attnzoo.kernels import linear_attn
 from attnzoo.layers.registry import Attention, register_attention
+from attnzoo.layers.short_conv import ShortConvolution
 
 POWER_SCALE, POWER_OFFSET = 3.0, 0.5  # official: power = 3 * (0.5 + tanh(|q|))
 KEY_POWER = 3  # official: k = k ** 3 before the sign split
+LEPE_KERNEL = 5  # official: nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
 NORM_FLOOR = 1e-12  # |q| below this is treated as this (a zero query has no direction); keeps 0 / 0 out
 
 
@@ -124,11 +134,12 @@ def norm_aware_attention(
 @dataclass
 class NaLaCache:
     """Decoding state of one causal NaLa layer: ``state`` (B, H, 2D, D + 1) = [sum phi_k^T v, sum phi_k], ``count``
-    (B,) int64 real keys seen (the n of the mean)."""
+    (B,) int64 real keys seen (the n of the mean), ``conv_state`` (B, dim, k - 1) the last values seen by LePE."""
 
     batch_size: int
     state: Tensor | None = None
     count: Tensor | None = None
+    conv_state: Tensor | None = None
     length: int = 0
 
 
@@ -146,6 +157,9 @@ class NaLaAttention(Attention):
         causal: bool = False,
         cross: bool = False,
         gate: bool = True,
+        lepe_kernel: int | None = None,
+        grid_size: tuple[int, int] | None = None,
+        num_prefix_tokens: int = 0,
         eps: float = 1e-6,
         bias: bool = True,
     ) -> None:
@@ -156,15 +170,56 @@ class NaLaAttention(Attention):
             causal: query i sees keys j <= i (prefix sums of the same equations).
             cross: keys/values from ``context``.
             gate: official output gate out_proj(LayerNorm(o) * SiLU(g)); False: out_proj(o).
+            lepe_kernel: LePE window k (odd unless causal; 0 = no LePE); None = 5 (official) for self-attention, 0
+                for cross-attention.
+            grid_size: (h, w) token grid (row-major) for a 2-D LePE, or None for a 1-D sequence. The ViT backbone
+                sets its patch grid. Non-causal only.
+            num_prefix_tokens: tokens before the grid/sequence (class tokens), left out of LePE.
             eps: added to the mean-normalised denominator (official 1e-6).
             bias: bias in ``qkvg`` and ``out_proj`` (official: ``nn.Linear`` default, True).
         """
         super().__init__(dim, num_heads, causal=causal, cross=cross)
+        label = self.name
         if not eps >= 0:
-            raise ValueError(f"nalaformer: eps must be >= 0; got {eps!r}.")
+            raise ValueError(f"{label}: eps must be >= 0; got {eps!r}.")
+        if lepe_kernel is None:
+            lepe_kernel = 0 if cross else LEPE_KERNEL
+        if not isinstance(lepe_kernel, int) or isinstance(lepe_kernel, bool) or lepe_kernel < 0:
+            raise ValueError(
+                f"{label}: lepe_kernel must be an integer >= 0 (0 = no LePE) or None; got {lepe_kernel!r}."
+            )
+        if lepe_kernel and cross:
+            raise ValueError(
+                f"{label}: LePE convolves the values along the query positions, which a cross-attention context does "
+                f"not share; build the cross layer with lepe_kernel=0 (or None); got {lepe_kernel}."
+            )
+        if lepe_kernel and not causal and lepe_kernel % 2 == 0:
+            raise ValueError(
+                f"{label}: a non-causal lepe_kernel must be odd (centred 'same' padding); got {lepe_kernel}."
+            )
+        if grid_size is not None:
+            grid_size = tuple(grid_size)
+            if len(grid_size) != 2 or not all(isinstance(n, int) and n > 0 for n in grid_size):
+                raise ValueError(f"{label}: grid_size must be (h, w) with positive integers or None; got {grid_size}.")
+            if causal:
+                raise ValueError(f"{label}: grid_size is for the non-causal 2-D layout; a causal layer runs in 1-D.")
+        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"{label}: num_prefix_tokens must be an integer >= 0; got {num_prefix_tokens!r}.")
+        if causal and num_prefix_tokens:
+            raise ValueError(f"{label}: num_prefix_tokens (class tokens) is for the non-causal layer; got causal=True.")
         self.eps = eps
         self.gate = gate
+        self.lepe_kernel = lepe_kernel
+        self.grid_size = grid_size
+        self.num_prefix_tokens = num_prefix_tokens
         self.qkvg = nn.Linear(dim, (4 if gate else 3) * dim, bias=bias)  # rows: q, k, v[, g] (official order)
+        if not lepe_kernel:
+            self.lepe = None
+        elif causal:
+            self.lepe = ShortConvolution(dim, lepe_kernel, bias=True, activation=None)
+        else:
+            conv = nn.Conv1d if grid_size is None else nn.Conv2d
+            self.lepe = conv(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim)
         self.ln = nn.LayerNorm(dim) if gate else nn.Identity()
         self.out_proj = nn.Linear(dim, dim, bias=bias)
 
@@ -194,7 +249,15 @@ class NaLaAttention(Attention):
     ) -> Tensor:
         self.check_inputs(x, context, padding_mask, cache)
         B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
+        H, D, P = self.num_heads, self.head_dim, self.num_prefix_tokens
+        if self.lepe is not None and T <= P:
+            raise ValueError(f"{self.name}: x has {T} tokens, no more than its num_prefix_tokens={P}.")
+        if self.grid_size is not None and self.lepe is not None and self.grid_size[0] * self.grid_size[1] != T - P:
+            h, w = self.grid_size
+            raise ValueError(
+                f"{self.name}: built for num_prefix_tokens={P} + a {h}x{w} grid = {P + h * w} tokens; got {T}. Build "
+                f"it with the grid of your input (the ViT passes its patch grid) or grid_size=None for a 1-D sequence."
+            )
         q, k, v, g = self._project(x, context)
         S = k.shape[1]
         o, state, count = norm_aware_attention(
@@ -208,12 +271,38 @@ class NaLaAttention(Attention):
             initial_state=None if cache is None else cache.state,
             output_final_state=cache is not None,
         )
+        o = o.reshape(B, T, self.dim)
+        if self.lepe is not None:
+            lepe, conv_state = self._lepe(v, padding_mask, None if cache is None else cache.conv_state)
+            o = torch.cat([o[:, :P], o[:, P:] + lepe], dim=1)
+            if cache is not None:
+                cache.conv_state = conv_state
         if cache is not None:
             cache.state, cache.count, cache.length = state, count, cache.length + T
-        o = o.reshape(B, T, self.dim).to(x.dtype)
+        o = o.to(x.dtype)
         if g is not None:
             o = self.ln(o) * F.silu(g)
         return self.out_proj(o)
+
+    def _lepe(self, v: Tensor, padding_mask: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """LePE of the values (B, T, dim) of the tokens after the prefix, in float32 at least; padded values are
+        zeroed first. Returns the convolution and, causal, the new convolution state."""
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        with torch.autocast(v.device.type, enabled=False):
+            v = v.to(dtype)
+            if padding_mask is not None:
+                v = v * padding_mask[:, :, None]
+            if self.causal:
+                return self.lepe(v, state=state)
+            v = v[:, self.num_prefix_tokens :]
+            B, L, C = v.shape
+            weight, bias = self.lepe.weight.to(dtype), self.lepe.bias.to(dtype)
+            if self.grid_size is None:
+                out = F.conv1d(v.transpose(1, 2), weight, bias, padding=self.lepe_kernel // 2, groups=C)
+            else:  # row-major tokens -> (B, C, h, w), as the official module's reshape
+                image = v.transpose(1, 2).reshape(B, C, *self.grid_size)
+                out = F.conv2d(image, weight, bias, padding=self.lepe_kernel // 2, groups=C)
+            return out.reshape(B, C, L).transpose(1, 2), None
 
     def new_cache(self, batch_size: int) -> NaLaCache:
         if not self.causal:
@@ -221,7 +310,8 @@ class NaLaAttention(Attention):
         return NaLaCache(batch_size)
 
     def state_size(self, seq_len: int) -> int:
-        return self.num_heads * 2 * self.head_dim * (self.head_dim + 1)  # S and z per head; the key count is an int
+        conv = self.dim * (self.lepe_kernel - 1) if self.lepe is not None else 0  # LePE's last k - 1 values
+        return self.num_heads * 2 * self.head_dim * (self.head_dim + 1) + conv  # S, z per head (+ an int count)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, gate={self.gate}"
+        return f"{super().extra_repr()}, gate={self.gate}, lepe_kernel={self.lepe_kernel}, grid_size={self.grid_size}"

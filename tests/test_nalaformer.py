@@ -119,16 +119,45 @@ def test_gradients_equal_the_quadratic_form_and_stay_finite_at_zeros():
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"d{name}: {m}")
 
 
-def layer_reference(layer, x, context=None):
-    """The whole module from its parameters: fused projection, NaLa, LayerNorm(o) * SiLU(g), out_proj."""
+def shifted_sum_lepe(layer, v, mask=None):
+    """LePE as an explicit sum over the k (or k x k) filter taps, zero outside the sequence/grid, on the tokens after
+    the prefix: (B, T - P, C). Causal: taps t - k + 1 .. t; otherwise centred."""
+    P, kk = layer.num_prefix_tokens, layer.lepe_kernel
+    if mask is not None:
+        v = v * mask[:, :, None]
+    v = v[:, P:]
+    weight, bias = layer.lepe.weight, layer.lepe.bias
+    out = bias.expand_as(v).clone()
+    if layer.grid_size is not None:
+        h, w = layer.grid_size
+        image = v.unflatten(1, (h, w))  # (B, h, w, C)
+        padded = F.pad(image, (0, 0, kk // 2, kk // 2, kk // 2, kk // 2))
+        acc = bias.expand_as(image).clone()
+        for dy in range(kk):
+            for dx in range(kk):
+                acc = acc + weight[:, 0, dy, dx] * padded[:, dy : dy + h, dx : dx + w]
+        return acc.flatten(1, 2)
+    L = v.shape[1]
+    left = kk - 1 if layer.causal else kk // 2
+    padded = F.pad(v, (0, 0, left, kk - 1 - left))
+    for tap in range(kk):
+        out = out + weight[:, 0, tap] * padded[:, tap : tap + L]
+    return out
+
+
+def layer_reference(layer, x, context=None, mask=None):
+    """The whole module from its parameters: fused projection, NaLa, + LePE(v), LayerNorm(o) * SiLU(g), out_proj."""
     source = x if context is None else context
     C, T, S = layer.dim, x.shape[1], source.shape[1]
     W, b = layer.qkvg.weight, layer.qkvg.bias
     q = F.linear(x, W[:C], b[:C]).view(B, T, H, -1)
     k = F.linear(source, W[C : 2 * C], b[C : 2 * C]).view(B, S, H, -1)
     v = F.linear(source, W[2 * C : 3 * C], b[2 * C : 3 * C]).view(B, S, H, -1)
-    o, _ = quadratic_nala(q, k, v, causal=layer.causal)
+    o, _ = quadratic_nala(q, k, v, causal=layer.causal, mask=mask)
     o = o.reshape(B, T, C)
+    if layer.lepe is not None:
+        P = layer.num_prefix_tokens
+        o = torch.cat([o[:, :P], o[:, P:] + shifted_sum_lepe(layer, v.reshape(B, S, C), mask)], dim=1)
     if layer.gate:
         o = F.layer_norm(o, (C,), layer.ln.weight, layer.ln.bias) * F.silu(F.linear(x, W[3 * C :], b[3 * C :]))
     return layer.out_proj(o)
@@ -139,10 +168,14 @@ def layer_reference(layer, x, context=None):
     "flags,T,S",
     [
         (dict(causal=False, cross=False), 13, 13),
+        (dict(causal=False, cross=False, lepe_kernel=0), 13, 13),
+        (dict(causal=False, cross=False, grid_size=(3, 4), num_prefix_tokens=1), 13, 13),
+        (dict(causal=False, cross=False, grid_size=(4, 5), lepe_kernel=3), 20, 20),
         (dict(causal=True, cross=False), 20, 20),
+        (dict(causal=True, cross=False, lepe_kernel=2), 20, 20),
         (dict(causal=False, cross=True), 11, 19),
     ],
-    ids=["noncausal_self", "causal_self", "noncausal_cross"],
+    ids=["noncausal_1d", "noncausal_nolepe", "grid_prefix", "grid_k3", "causal", "causal_k2", "noncausal_cross"],
 )
 def test_layer_equals_its_equations(flags, T, S, gate):
     layer = build_attention("nalaformer", dim=H * D, num_heads=H, gate=gate, **flags).double()
@@ -152,9 +185,22 @@ def test_layer_equals_its_equations(flags, T, S, gate):
             layer.ln.bias.copy_(randn(H * D, seed=19, scale=0.3))
     x = randn(B, T, H * D, seed=20)
     context = randn(B, S, H * D, seed=21) if flags["cross"] else None
-    torch.testing.assert_close(layer(x, context=context), layer_reference(layer, x, context), atol=1e-12, rtol=1e-10)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, [2, 5]] = False
+    got = layer(x, context=context, padding_mask=mask)
+    torch.testing.assert_close(got, layer_reference(layer, x, context, mask), atol=1e-12, rtol=1e-10)
     assert layer.qkvg.out_features == (4 if gate else 3) * H * D
-    assert layer.state_size(100) == H * 2 * D * (D + 1)
+    expected_lepe = {True: 5, False: 0}[not flags["cross"]] if "lepe_kernel" not in flags else flags["lepe_kernel"]
+    assert layer.lepe_kernel == expected_lepe
+    conv_state = H * D * (expected_lepe - 1) if expected_lepe else 0
+    assert layer.state_size(100) == H * 2 * D * (D + 1) + conv_state
+
+
+def test_grid_lepe_is_the_official_conv2d_module():
+    layer = build_attention("nalaformer", dim=H * D, num_heads=H, grid_size=(3, 4))
+    assert isinstance(layer.lepe, torch.nn.Conv2d) and layer.lepe.weight.shape == (H * D, 1, 5, 5)
+    with pytest.raises(ValueError, match="built for num_prefix_tokens=0 \\+ a 3x4 grid = 12 tokens; got 13"):
+        layer(torch.randn(1, 13, H * D))
 
 
 def test_bad_options_name_the_problem():
@@ -162,3 +208,9 @@ def test_bad_options_name_the_problem():
         build_attention("nalaformer", dim=24, num_heads=3, eps=-1.0)
     with pytest.raises(ValueError, match="has no pattern 'causal_cross'"):
         build_attention("nalaformer", dim=24, num_heads=3, causal=True, cross=True)
+    with pytest.raises(ValueError, match="build the cross layer with lepe_kernel=0"):
+        build_attention("nalaformer", dim=24, num_heads=3, cross=True, lepe_kernel=5)
+    with pytest.raises(ValueError, match="non-causal lepe_kernel must be odd"):
+        build_attention("nalaformer", dim=24, num_heads=3, lepe_kernel=4)
+    with pytest.raises(ValueError, match="grid_size is for the non-causal 2-D layout"):
+        build_attention("nalaformer", dim=24, num_heads=3, causal=True, grid_size=(2, 2))
