@@ -1,7 +1,7 @@
 """Hedgehog — Zhang, Bhatia, Kumbong & Ré 2024, "The Hedgehog & the Porcupine: Expressive Linear Attentions with
 Softmax Mimicry", ICLR 2024, https://arxiv.org/abs/2402.04347. Reference impls: HazyResearch/lolcats
-(``src/model/feature_map.py``: ``FeatureMapMLP`` + ``SoftmaxDim``; ``src/model/linear_attention/linear_attention.py``)
-and fla-org/flash-linear-attention (``fla/modules/feature_map.py``, ``HedgehogFeatureMap``).
+(``src/model/feature_map.py``: ``FeatureMapMLP`` + ``SoftmaxDim``; ``src/model/linear_attention/linear_attention.py``);
+also fla-org/flash-linear-attention (``fla/modules/feature_map.py``, ``HedgehogFeatureMap``).
 
 Linear attention whose feature map is learned per head so that phi(q) . phi(k) mimics exp(q . k): a linear map
 y = W_h x + b_h (W_h: head_dim x feature_dim) followed by a spiky, non-negative, "fullspace" activation that sees
@@ -18,12 +18,13 @@ all j otherwise; q and k have separate maps (LoLCATs' ``tie_qk_kernels: false``,
 sums run through :func:`attnzoo.kernels.linear_attn` (chunked on CPU, O(T)), so causal Hedgehog decodes with the
 constant state S = sum_j phi_k(k_j)^T v_j, z = sum_j phi_k(k_j) per head.
 
-Which activation the official code uses: LoLCATs' configs (``feature_map: softmax_dim``, ``fullspace: true``) and
-fla's ``HedgehogFeatureMap`` both use the per-half softmax over the feature dim, so that is the default; the paper's
-listing exponentiates [W x ; -W x] directly. The two differ by a per-token positive factor, which cancels for a query
-(numerator and denominator scale alike) but not for a key. For ``exp`` each query's features are computed as
-exp(+-y - max|y|) (an exact rescaling, it cancels); key features are exp(+-y) of y clamped to [-EXP_LIMIT, EXP_LIMIT]
-so that the float32 state cannot overflow.
+Which activation the official code uses: LoLCATs' configs (``feature_map: softmax_dim``, ``fullspace: true``) use
+the per-half softmax over the feature dim, so that is the default; the paper's listing exponentiates [W x ; -W x]
+directly (``exp``); fla's ``HedgehogFeatureMap`` takes one softmax over all 2F entries of [2 y ; -2 y]. They differ by
+per-token positive factors (and fla's by the factor 2 in y), which cancel for a query (numerator and denominator
+scale alike) but not for a key. For ``exp`` each query's features are computed as exp(+-y - max|y|) (an exact
+rescaling, it cancels); key features are exp(+-y) of y clamped to [-EXP_LIMIT, EXP_LIMIT] so that the float32
+state cannot overflow.
 
 Defaults: W initialised to the identity per head (the paper's listing: ``nn.init.eye_`` on an
 ``nn.Linear(head_dim, head_dim)``; LoLCATs' ``zero_init`` option does the same; its distillation configs start from
