@@ -19,17 +19,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from attnzoo.data.cache import DEFAULT_DATA_DIR, cached_tensors
+from attnzoo.data.splits import SPLITS, SplitDataModule
 from attnzoo.extras import require
-
-SPLITS = ("train", "val", "test")
 
 
 class ImageDataset(Dataset):
@@ -82,7 +80,7 @@ def _stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int
     return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
 
 
-class _ImageDataModule(L.LightningDataModule):
+class _ImageDataModule(SplitDataModule):
     """Shared loaders, statistics and ``model_kwargs`` of the image DataModules."""
 
     name = ""
@@ -130,25 +128,6 @@ class _ImageDataModule(L.LightningDataModule):
         self.setup()
         C, H, W = self.shape
         return {"img_size": [H, W] if H != W else H, "in_chans": C, "num_classes": self.num_classes}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
 
 class DigitsDataModule(_ImageDataModule):

@@ -28,13 +28,13 @@ import os
 import random
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from attnzoo.data.cache import DEFAULT_DATA_DIR, cached_tensors
+from attnzoo.data.splits import SPLITS, SplitDataModule
 
 MIN, MAX, MED, SUM_MOD, END = "[MIN", "[MAX", "[MED", "[SM", "]"
 OPERATORS = (MIN, MAX, MED, SUM_MOD)
@@ -42,7 +42,6 @@ VALUE_P = 0.25  # LRA: probability that a node above max_depth is an operator
 PAD_ID = 0
 VOCAB = ("<pad>", *(str(v) for v in range(10)), *OPERATORS, END)
 TOKEN_ID = {token: i for i, token in enumerate(VOCAB)}
-SPLITS = ("train", "val", "test")
 
 
 def generate_tree(rng: random.Random, depth: int, max_depth: int, max_args: int) -> tuple[Any, int]:
@@ -156,8 +155,10 @@ def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     }
 
 
-class ListOpsDataModule(L.LightningDataModule):
+class ListOpsDataModule(SplitDataModule):
     """ListOps classification (batches: ``inputs`` (B, T) token ids, ``labels`` (B,), ``padding_mask`` (B, T))."""
+
+    collate_fn = collate  # pads each batch to its longest sequence
 
     def __init__(
         self,
@@ -243,23 +244,3 @@ class ListOpsDataModule(L.LightningDataModule):
         self.setup()
         majority = int(torch.bincount(self.splits["train"].labels, minlength=10).argmax())
         return float((self.splits[split].labels == majority).float().mean())
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -26,17 +26,15 @@ import logging
 import os
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from attnzoo.data.cache import DEFAULT_DATA_DIR, cached_tensors
+from attnzoo.data.cache import DEFAULT_DATA_DIR
+from attnzoo.data.splits import SPLITS, GeneratedDataModule, split_seed  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 def _choose_without_replacement(rng: np.random.Generator, n_rows: int, n_choices: int, size: int, log_p=None):
@@ -121,11 +119,6 @@ def _check(vocab_size: int, input_seq_len: int, num_kv_pairs: int, num_examples:
         raise ValueError(f"mqar: power_a must be > 0 (1.0 = uniform query gaps); got {power_a}.")
 
 
-def split_seed(seed: int, split: str) -> np.random.SeedSequence:
-    """The seed stream of one split: independent of (disjoint from) every other split's for the same ``seed``."""
-    return np.random.SeedSequence(seed, spawn_key=(SPLITS.index(split),))
-
-
 class TokenDataset(Dataset):
     """Rows of equally long tensors as LM examples (dicts of ``input_ids``, ``labels`` and optional masks)."""
 
@@ -140,8 +133,11 @@ class TokenDataset(Dataset):
         return {k: v[index] for k, v in self.tensors.items()}
 
 
-class MQARDataModule(L.LightningDataModule):
+class MQARDataModule(GeneratedDataModule):
     """MQAR train/val/test splits for language modelling (batches: ``input_ids``, ``labels``)."""
+
+    kind = "mqar"
+    dataset = TokenDataset
 
     def __init__(
         self,
@@ -167,25 +163,22 @@ class MQARDataModule(L.LightningDataModule):
             num_workers: DataLoader workers (0: in the main process; the data is already in memory).
             data_dir: cache root for generated splits.
         """
-        super().__init__()
-        counts = {"train": 20000, "val": 1000, "test": 1000, **dict(num_examples or {})}
-        unknown_splits = set(counts) - set(SPLITS)
-        if unknown_splits:
-            raise ValueError(f"mqar: num_examples has unknown splits {sorted(unknown_splits)}; use {SPLITS}.")
-        self.generator_kwargs = dict(
+        generator_kwargs = dict(
             vocab_size=vocab_size,
             input_seq_len=input_seq_len,
             num_kv_pairs=num_kv_pairs,
             power_a=power_a,
             random_non_queries=random_non_queries,
         )
-        _check(vocab_size, input_seq_len, num_kv_pairs, min(counts.values()), power_a)
-        self.num_examples = counts
-        self.seed = seed
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.data_dir = data_dir
-        self.splits: dict[str, TokenDataset] = {}
+        super().__init__(
+            generator_kwargs,
+            num_examples,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            data_dir=data_dir,
+        )
+        _check(vocab_size, input_seq_len, num_kv_pairs, min(self.num_examples.values()), power_a)
 
     def model_kwargs(self) -> dict[str, Any]:
         """What a GPT needs from this data: vocabulary and sequence length."""
@@ -194,42 +187,5 @@ class MQARDataModule(L.LightningDataModule):
             "max_seq_len": self.generator_kwargs["input_seq_len"],
         }
 
-    def _load(self, split: str) -> dict[str, Tensor]:
-        config = {**self.generator_kwargs, "num_examples": self.num_examples[split], "seed": self.seed, "split": split}
-
-        def make() -> dict[str, Tensor]:
-            return generate_mqar(
-                **self.generator_kwargs, num_examples=self.num_examples[split], seed=split_seed(self.seed, split)
-            )
-
-        return cached_tensors("mqar", config, make, self.data_dir)
-
-    def prepare_data(self) -> None:
-        # once per node (rank 0): generate and cache, so DDP ranks only read
-        for split in SPLITS:
-            self._load(split)
-
-    def setup(self, stage: str | None = None) -> None:
-        for split in SPLITS:
-            if split not in self.splits:
-                self.splits[split] = TokenDataset(self._load(split))
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.splits:
-            self.setup()
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def generate(self, num_examples: int, seed: np.random.SeedSequence) -> dict[str, Tensor]:
+        return generate_mqar(**self.generator_kwargs, num_examples=num_examples, seed=seed)

@@ -25,14 +25,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from attnzoo.data.cache import DEFAULT_DATA_DIR, cached_tensors
-from attnzoo.data.mqar import SPLITS, TokenDataset, split_seed
+from attnzoo.data.cache import DEFAULT_DATA_DIR
+from attnzoo.data.mqar import TokenDataset
+from attnzoo.data.splits import GeneratedDataModule
 from attnzoo.errors import unknown
 
 PAD, BOS, EOS = 0, 1, 2
@@ -121,8 +120,11 @@ def generate_seq2seq(
     }
 
 
-class Seq2SeqDataModule(L.LightningDataModule):
+class Seq2SeqDataModule(GeneratedDataModule):
     """Reverse / sort / copy_offset train, val and test splits for the encoder-decoder (see the module docstring)."""
+
+    kind = "seq2seq"
+    dataset = TokenDataset
 
     def __init__(
         self,
@@ -147,21 +149,15 @@ class Seq2SeqDataModule(L.LightningDataModule):
             num_workers: DataLoader workers (0: in the main process; the data is already in memory).
             data_dir: cache root for generated splits.
         """
-        super().__init__()
-        counts = {"train": 20000, "val": 1000, "test": 1000, **dict(num_examples or {})}
-        unknown_splits = set(counts) - set(SPLITS)
-        if unknown_splits:
-            raise ValueError(f"seq2seq: num_examples has unknown splits {sorted(unknown_splits)}; use {SPLITS}.")
-        _check(task, vocab_size, min_length, max_length, offset, min(counts.values()))
-        self.generator_kwargs = dict(
-            task=task, vocab_size=vocab_size, min_length=min_length, max_length=max_length, offset=offset
+        super().__init__(
+            dict(task=task, vocab_size=vocab_size, min_length=min_length, max_length=max_length, offset=offset),
+            num_examples,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            data_dir=data_dir,
         )
-        self.num_examples = counts
-        self.seed = seed
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.data_dir = data_dir
-        self.splits: dict[str, TokenDataset] = {}
+        _check(task, vocab_size, min_length, max_length, offset, min(self.num_examples.values()))
 
     def model_kwargs(self) -> dict[str, Any]:
         """What a Seq2Seq needs from this data: vocabulary, longest sequence and the special token ids."""
@@ -173,41 +169,5 @@ class Seq2SeqDataModule(L.LightningDataModule):
             "pad_token_id": PAD,
         }
 
-    def _load(self, split: str) -> dict[str, Tensor]:
-        count = self.num_examples[split]
-        config = {**self.generator_kwargs, "num_examples": count, "seed": self.seed, "split": split}
-
-        def make() -> dict[str, Tensor]:
-            return generate_seq2seq(**self.generator_kwargs, num_examples=count, seed=split_seed(self.seed, split))
-
-        return cached_tensors("seq2seq", config, make, self.data_dir)
-
-    def prepare_data(self) -> None:
-        # once per node (rank 0): generate and cache, so DDP ranks only read
-        for split in SPLITS:
-            self._load(split)
-
-    def setup(self, stage: str | None = None) -> None:
-        for split in SPLITS:
-            if split not in self.splits:
-                self.splits[split] = TokenDataset(self._load(split))
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.splits:
-            self.setup()
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def generate(self, num_examples: int, seed: np.random.SeedSequence) -> dict[str, Tensor]:
+        return generate_seq2seq(**self.generator_kwargs, num_examples=num_examples, seed=seed)

@@ -21,15 +21,14 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from attnzoo.data.cache import DEFAULT_DATA_DIR, cached_tensors
+from attnzoo.data.splits import SPLITS, SplitDataModule
 
-SPLITS = ("train", "val", "test")
 VOCAB_SIZE = 256
 
 
@@ -95,7 +94,7 @@ class WindowDataset(Dataset):
         return {"input_ids": window[:-1], "labels": window[1:]}
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitDataModule):
     """Byte-level LM data (batches: ``input_ids`` (B, T), ``labels`` (B, T)), vocabulary 256."""
 
     def __init__(
@@ -188,22 +187,3 @@ class TextDataModule(L.LightningDataModule):
     def bits_per_byte(loss_nats: float) -> float:
         """Cross-entropy per byte in bits."""
         return loss_nats / math.log(2)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
