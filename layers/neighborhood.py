@@ -188,43 +188,70 @@ def neighborhood_pattern(
 
 
 def _causal_blocked(
-    q: Tensor, k: Tensor, v: Tensor, mask_mod: MaskMod, reach: int, key_mask: Tensor | None, dropout_p: float, scale
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask_mod: MaskMod,
+    reach: int,
+    key_mask: Tensor | None,
+    dropout_p: float,
+    scale: float,
+    block_size: int | None = None,
 ) -> Tensor:
-    """Causal neighbourhood by blocks of b > reach queries, each attending to [previous block; own block].
+    """Causal neighbourhood by query blocks of b, each attending to its own and the p = ceil(reach / b) previous key
+    blocks, in one batched SDPA with a single shared (b, (p + 1) b) mask from ``mask_mod`` (the causal
+    neighbourhood depends only on i - j); the first p blocks, which have fewer blocks before them, in one more call.
 
-    One batched SDPA over (B, H, n - 1, b, 2b) with a single (b, 2b) mask from ``mask_mod`` (the causal
-    neighbourhood depends only on i - j), plus block 0 over itself. q, k, v (B, T, H, D) -> (B, T, H, D)."""
+    The tensors are time-major, (T, B H, D): then the (p + 1) b keys of every query block are a strided window
+    (``unfold``) of the keys, not a copy, and for B = 1 the (B, T, H, D) inputs are already in that layout.
+    q, k, v (B, T, H, D) -> (B, T, H, Dv)."""
     B, T, H, _ = q.shape
-    b = max(reach + 1, BLOCK_SIZE)
+    Dv = v.shape[-1]
+    b = block_size or max(BLOCK_SIZE, -(-(reach + 1) // 2))
+    p = -(-reach // b)  # previous key blocks a query block reaches
     n = -(-T // b)
-    pad = n * b - T  # padded keys come after every real query: causality already hides them
+    Tp, BH = n * b, B * H
+    dev = q.device
 
-    def blocks(t: Tensor) -> Tensor:  # (B, T, H, D) -> (B, H, n, b, D), contiguous for the batched matmuls
-        return F.pad(t, (0, 0, 0, 0, 0, pad)).view(B, n, b, H, t.shape[-1]).permute(0, 3, 1, 2, 4).contiguous()
+    def time_major(t: Tensor) -> Tensor:  # (B, T, H, D) -> (Tp, B H, D); a view when B == 1 and T == Tp
+        t = t.transpose(0, 1)  # (T, B, H, D)
+        if Tp != T:  # padded keys come after every real query: causality already hides them
+            t = F.pad(t, (0, 0, 0, 0, 0, 0, 0, Tp - T))
+        return t.reshape(Tp, BH, t.shape[-1])
 
-    qb, kb, vb = blocks(q), blocks(k), blocks(v)
-    a = torch.arange(b, device=q.device)
-    first = mask_mod(None, None, a[:, None], a[None, :])  # (b, b): block 0 over itself
-    shared = mask_mod(None, None, (b + a)[:, None], torch.arange(2 * b, device=q.device)[None, :])  # (b, 2b)
-    if key_mask is not None:
-        real = F.pad(key_mask, (0, pad)).view(B, 1, n, 1, b)  # (B, 1, n, 1, b)
-        first = first & real[:, :, 0]  # (B, 1, b, b)
-        shared = shared & torch.cat([real[:, :, :-1], real[:, :, 1:]], dim=-1)  # (B, 1, n - 1, b, 2b)
+    qt, kt, vt = time_major(q), time_major(k), time_major(v)
+    real = None if key_mask is None else F.pad(key_mask, (0, Tp - T)).repeat_interleave(H, dim=0)  # (B H, Tp)
 
-    def attend(qt: Tensor, kt: Tensor, vt: Tensor, mask: Tensor) -> Tensor:
-        if key_mask is None:  # every query sees itself: no empty rows
-            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    def attend(qh: Tensor, kh: Tensor, vh: Tensor, mask: Tensor) -> Tensor:
+        if real is None:  # every query sees itself: no empty rows
+            return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, scale=scale)
         has_key = mask.any(dim=-1, keepdim=True)  # a row of padded keys only: open it, then zero its output
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask | ~has_key, dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask | ~has_key, dropout_p=dropout_p, scale=scale)
         return out * has_key.to(out.dtype)
 
-    out = [attend(qb[:, :, :1], kb[:, :, :1], vb[:, :, :1], first[:, :, None] if key_mask is not None else first)]
-    if n > 1:
-        k_pair = torch.cat([kb[:, :, :-1], kb[:, :, 1:]], dim=3)  # (B, H, n - 1, 2b, D)
-        v_pair = torch.cat([vb[:, :, :-1], vb[:, :, 1:]], dim=3)
-        out.append(attend(qb[:, :, 1:], k_pair, v_pair, shared))
-    o = torch.cat(out, dim=2)  # (B, H, n, b, D)
-    return o.permute(0, 2, 3, 1, 4).reshape(B, n * b, H, v.shape[-1])[:, :T]
+    # the first min(p, n) blocks: queries and keys [0, P0), mask from mask_mod on their positions
+    P0 = min(p, n) * b
+    pos = torch.arange(P0, device=dev)
+    mask = mask_mod(None, None, pos[:, None], pos[None, :])  # (P0, P0)
+    if real is not None:
+        mask = mask & real[:, None, :P0]  # (B H, P0, P0)
+    head = [t[:P0].transpose(0, 1)[None] for t in (qt, kt, vt)]  # (1, B H, P0, D)
+    parts = [attend(*head, mask)[0].transpose(0, 1)]  # (P0, B H, Dv)
+    if n > p:
+        W = (p + 1) * b
+        q_blocks = qt[P0:].view(n - p, b, BH, -1).transpose(1, 2)  # (n - p, B H, b, D)
+
+        def windows(t: Tensor) -> Tensor:  # (Tp, B H, D) -> (n - p, B H, W, D): keys of query block j + p
+            return t.reshape(Tp, -1).unfold(0, W, b).view(n - p, BH, t.shape[-1], W).transpose(-1, -2)
+
+        a, u = torch.arange(b, device=dev), torch.arange(W, device=dev)
+        mask = mask_mod(None, None, (p * b + a)[:, None], u[None, :])  # (b, W): shared by every block
+        if real is not None:
+            mask = mask & real.unfold(1, W, b).transpose(0, 1)[:, :, None, :]  # (n - p, B H, b, W)
+        o = attend(q_blocks, windows(kt), windows(vt), mask)  # (n - p, B H, b, Dv)
+        parts.append(o.transpose(1, 2).reshape((n - p) * b, BH, Dv))
+    o = torch.cat(parts, dim=0).view(Tp, B, H, Dv)
+    return o.transpose(0, 1)[:, :T]
 
 
 def neighborhood_attention(
@@ -243,6 +270,7 @@ def neighborhood_attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     backend: str = "auto",
+    block_size: int | None = None,
 ) -> Tensor:
     """(Dilated, causal) neighborhood attention, NATTEN's semantics (see the module docstring).
 
@@ -265,6 +293,7 @@ def neighborhood_attention(
         backend: ``auto`` (causal on CPU: ``blocked``; otherwise sparse_attention's auto: FlexAttention on CUDA,
             gathered tiles elsewhere), ``blocked`` (causal only), or a sparse_attention backend: ``torch``, ``flex``,
             ``reference``.
+        block_size: query block of the causal ``blocked`` path; None = max(64, ceil(((k - 1) d + 1) / 2)).
 
     Returns:
         (B, T, H, Dv); a query with no visible real key gets zeros.
@@ -300,7 +329,7 @@ def neighborhood_attention(
     reach = (kernel_size - 1) * dilation
     if causal and T == S and (backend == "blocked" or (backend == "auto" and not q.is_cuda)):
         mask_mod = neighborhood_mask_mod(None, length, kernel_size, dilation, True)
-        return _causal_blocked(q, k, v, mask_mod, reach, key_mask, dropout_p, scale)
+        return _causal_blocked(q, k, v, mask_mod, reach, key_mask, dropout_p, scale, block_size)
     pattern = neighborhood_pattern(grid, length, kernel_size, dilation, causal, P, q_len=T - P, device=q.device)
     bias_mod = None if rpb is None else neighborhood_bias_mod(rpb, grid, kernel_size, dilation, P)
     o = sparse_attention(

@@ -232,6 +232,22 @@ def delta_rule_case(backend: str, gated: bool) -> KernelFactory:
     return factory
 
 
+def neighborhood_case(backend: str, kernel_size: int = 256) -> KernelFactory:
+    def factory(B, T, H, D, causal, dtype, feature_dim=None) -> Case:
+        from attnzoo.layers.neighborhood import neighborhood_attention
+
+        q, k, v = _qkv(B, T, H, D, dtype)
+        kernel = kernel_size if causal else kernel_size + 1  # non-causal kernels are odd
+        kernel = min(kernel, T if causal else T - (T + 1) % 2)
+        return Case(
+            [q, k, v],
+            lambda q, k, v: neighborhood_attention(q, k, v, kernel_size=kernel, causal=causal, backend=backend),
+        )
+
+    factory.__doc__ = f"attnzoo.layers.neighborhood core, kernel_size {kernel_size} (issue 21's window), {backend!r}."
+    return factory
+
+
 KERNEL_OPS: dict[str, KernelFactory] = {
     "sdpa": sdpa_case,
     "gla": gla_case("torch"),
@@ -246,6 +262,8 @@ KERNEL_OPS: dict[str, KernelFactory] = {
     "delta_rule_reference": delta_rule_case("reference", gated=False),
     "gated_delta_rule": delta_rule_case("torch", gated=True),
     "gated_delta_rule_reference": delta_rule_case("reference", gated=True),
+    "neighborhood": neighborhood_case("auto"),  # causal on the CPU: the blocked path
+    "neighborhood_band": neighborhood_case("torch"),  # the generic gathered-tile lowering of the same mask_mod
 }
 KERNEL_BASELINE = "sdpa"
 

@@ -85,6 +85,23 @@ def test_1d_equals_oracle(T, kernel, dilation, causal, backend):
     torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("T", [12, 75, 80], ids=["T12-no-full-window", "T75", "T80"])
+@pytest.mark.parametrize("block_size", [5, 16, None])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_causal_blocked_path_any_block_size(T, block_size, padded):
+    """The blocked path (p = ceil(reach / b) previous blocks per query block, the first p blocks apart) equals the
+    oracle for blocks smaller than the window, a sequence shorter than p blocks, and a partial last block."""
+    q, k, v = qkv(2, T, 2, 4, seed=8)
+    mask = None
+    if padded:
+        mask = torch.ones(2, T, dtype=torch.bool)
+        mask[0, 1:4] = False
+        mask[1, T // 2 :: 3] = False
+    kw = dict(kernel_size=9, dilation=2, causal=True)
+    got = neighborhood_attention(q, k, v, key_mask=mask, backend="blocked", block_size=block_size, **kw)
+    torch.testing.assert_close(got, oracle(q, k, v, key_mask=mask, **kw), atol=1e-12, rtol=1e-10)
+
+
 CASES_2D = [
     pytest.param((5, 7), 3, 1, 0, id="5x7-k3"),
     pytest.param((6, 9), 3, 2, 1, id="6x9-k3-d2-prefix1"),
