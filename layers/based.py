@@ -19,14 +19,12 @@ through :func:`attnzoo.kernels.linear_attn`.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from attnzoo.kernels import linear_attn
 from attnzoo.kernels.numerics import into
-from attnzoo.layers.cross import aligned_causal_linear_attn, aligned_start
+from attnzoo.layers.linear import LinearAttentionCache, feature_linear_attention
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 
 
@@ -120,15 +118,6 @@ def taylor_num_features(feature_dim: int, compact: bool = True) -> int:
     return 1 + feature_dim + (feature_dim * (feature_dim + 1) // 2 if compact else feature_dim**2)
 
 
-@dataclass
-class BasedCache:
-    """Constant-size decoding state: per head S (F x V) and z (F), stored as (B, H, F, V + 1) float32."""
-
-    batch_size: int
-    state: Tensor | None = None  # (B, H, F, V + 1), last column = z; allocated by the first forward
-    length: int = 0  # key positions consumed (context positions in causal_cross)
-
-
 @register_attention("based")
 class BasedAttention(Attention):
     """Based: linear attention with 2nd-order Taylor features of exp (Arora et al. 2024); constant-size state."""
@@ -177,7 +166,7 @@ class BasedAttention(Attention):
         *,
         context: Tensor | None = None,
         padding_mask: Tensor | None = None,
-        cache: BasedCache | None = None,
+        cache: LinearAttentionCache | None = None,
     ) -> Tensor:
         self.check_inputs(x, context, padding_mask, cache)
         B, T, _ = x.shape
@@ -187,26 +176,13 @@ class BasedAttention(Attention):
         q = taylor_feature_map(self.q_proj(x).view(B, T, H, Fd), self.compact_features)  # (B, T, H, F)
         k = taylor_feature_map(self.k_proj(source).view(B, S, H, Fd), self.compact_features)  # (B, S, H, F)
         v = self.v_proj(source).view(B, S, H, D)  # (B, S, H, D)
-        if padding_mask is not None:  # zero the key features (incl. the constant 1): no trace in S or z
-            k = k * padding_mask[:, :, None, None]
-        state = None if cache is None else cache.state
-        if self.causal and self.cross:  # bottom-right alignment: query t sees context j <= t + S - T
-            aligned_start(T, S, context_seen=0 if cache is None else cache.length, name=self.name)
-            o, state = aligned_causal_linear_attn(
-                q, k, v, eps=self.eps, initial_state=state, output_final_state=cache is not None
-            )
-        else:
-            o, state = linear_attn(
-                q, k, v, causal=self.causal, eps=self.eps, initial_state=state, output_final_state=cache is not None
-            )
-        if cache is not None:
-            cache.state, cache.length = state, cache.length + S
+        o = feature_linear_attention(self, q, k, v, padding_mask, cache)
         return self.o_proj(o.reshape(B, T, self.dim))
 
-    def new_cache(self, batch_size: int) -> BasedCache:
+    def new_cache(self, batch_size: int) -> LinearAttentionCache:
         if not self.causal:
             return super().new_cache(batch_size)  # raises: only causal layers decode
-        return BasedCache(batch_size)
+        return LinearAttentionCache(batch_size)
 
     def state_size(self, seq_len: int) -> int:
         return self.num_heads * self.num_features * (self.head_dim + 1)  # S and z per head, independent of seq_len

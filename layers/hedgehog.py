@@ -40,13 +40,10 @@ as (B, T, H, head_dim)).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from attnzoo.kernels import linear_attn
-from attnzoo.layers.cross import aligned_causal_linear_attn, aligned_start
+from attnzoo.layers.linear import LinearAttentionCache, feature_linear_attention
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 
 ACTIVATIONS = ("softmax", "exp")
@@ -148,15 +145,6 @@ def hedgehog_distillation_loss(
         return -(teacher * log_student).sum(-1).mean()
 
 
-@dataclass
-class HedgehogCache:
-    """Constant-size decoding state: per head S (2F x V) and z (2F), stored as (B, H, 2F, V + 1) float32."""
-
-    batch_size: int
-    state: Tensor | None = None  # (B, H, 2F, V + 1), last column = z; allocated by the first forward
-    length: int = 0  # key positions consumed (context positions in causal_cross)
-
-
 @register_attention("hedgehog")
 class HedgehogAttention(Attention):
     """Hedgehog: linear attention with a learned, softmax-mimicking feature map (Zhang et al. 2024)."""
@@ -219,7 +207,7 @@ class HedgehogAttention(Attention):
         *,
         context: Tensor | None = None,
         padding_mask: Tensor | None = None,
-        cache: HedgehogCache | None = None,
+        cache: LinearAttentionCache | None = None,
     ) -> Tensor:
         self.check_inputs(x, context, padding_mask, cache)
         B, T, _ = x.shape
@@ -229,26 +217,13 @@ class HedgehogAttention(Attention):
         q = self.feature_map_q(self.q_proj(x).view(B, T, H, D), is_query=True)  # (B, T, H, 2F)
         k = self.feature_map_k(self.k_proj(source).view(B, S, H, D))  # (B, S, H, 2F)
         v = self.v_proj(source).view(B, S, H, D)  # (B, S, H, D)
-        if padding_mask is not None:  # zero the key features (past the eps clamp): no trace in S or z
-            k = k * padding_mask[:, :, None, None]
-        state = None if cache is None else cache.state
-        if self.causal and self.cross:  # bottom-right alignment: query t sees context j <= t + S - T
-            aligned_start(T, S, context_seen=0 if cache is None else cache.length, name=self.name)
-            o, state = aligned_causal_linear_attn(
-                q, k, v, eps=self.eps, initial_state=state, output_final_state=cache is not None
-            )
-        else:
-            o, state = linear_attn(
-                q, k, v, causal=self.causal, eps=self.eps, initial_state=state, output_final_state=cache is not None
-            )
-        if cache is not None:
-            cache.state, cache.length = state, cache.length + S
+        o = feature_linear_attention(self, q, k, v, padding_mask, cache)
         return self.o_proj(o.reshape(B, T, self.dim).to(x.dtype))
 
-    def new_cache(self, batch_size: int) -> HedgehogCache:
+    def new_cache(self, batch_size: int) -> LinearAttentionCache:
         if not self.causal:
             return super().new_cache(batch_size)  # raises: only causal layers decode
-        return HedgehogCache(batch_size)
+        return LinearAttentionCache(batch_size)
 
     def state_size(self, seq_len: int) -> int:
         return self.num_heads * 2 * self.feature_dim * (self.head_dim + 1)  # S and z per head, independent of seq_len

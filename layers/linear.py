@@ -37,11 +37,45 @@ def elu_feature_map(x: Tensor) -> Tensor:
 
 @dataclass
 class LinearAttentionCache:
-    """Constant-size decoding state: per head S (K x V) and z (K), stored together as (B, H, K, V + 1) float32."""
+    """Constant-size decoding state of a feature-map linear attention: per head S (F x V) and z (F), stored together
+    as (B, H, F, V + 1) float32 (F = the feature count: head_dim for ``linear``)."""
 
     batch_size: int
     state: Tensor | None = None  # (B, H, K, V + 1), last column = z; allocated by the first forward
     length: int = 0  # key positions consumed (context positions in causal_cross)
+
+
+def feature_linear_attention(
+    layer: Attention,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    padding_mask: Tensor | None,
+    cache: LinearAttentionCache | None,
+) -> Tensor:
+    """``o_t = phi(q_t) S_t / (phi(q_t) . z_t + eps)`` for every pattern of ``layer``, on features already mapped.
+
+    The shared core of the feature-map layers (``linear``, ``based``, ``hedgehog``): q (B, T, H, F) and k (B, S, H, F)
+    are phi(q), phi(k) (non-negative), v (B, S, H, V). Padded keys have their features zeroed, so they add nothing to
+    S or z; ``causal_cross`` is aligned bottom-right (:mod:`attnzoo.layers.cross`); with a cache the state is read,
+    advanced and stored back. Uses ``layer.causal``, ``layer.cross``, ``layer.eps`` and ``layer.name``.
+    """
+    T, S = q.shape[1], k.shape[1]
+    if padding_mask is not None:
+        k = k * padding_mask[:, :, None, None]
+    state = None if cache is None else cache.state
+    if layer.causal and layer.cross:  # bottom-right alignment: query t sees context j <= t + S - T
+        aligned_start(T, S, context_seen=0 if cache is None else cache.length, name=layer.name)
+        o, state = aligned_causal_linear_attn(
+            q, k, v, eps=layer.eps, initial_state=state, output_final_state=cache is not None
+        )
+    else:
+        o, state = linear_attn(
+            q, k, v, causal=layer.causal, eps=layer.eps, initial_state=state, output_final_state=cache is not None
+        )
+    if cache is not None:
+        cache.state, cache.length = state, cache.length + S
+    return o
 
 
 @register_attention("linear")
@@ -94,20 +128,7 @@ class LinearAttention(Attention):
         q = elu_feature_map(self.q_proj(x).view(B, T, H, D))  # (B, T, H, D)
         k = elu_feature_map(self.k_proj(source).view(B, S, H, D))  # (B, S, H, D)
         v = self.v_proj(source).view(B, S, H, D)  # (B, S, H, D)
-        if padding_mask is not None:  # zero the key features: a padded key adds nothing to S or z
-            k = k * padding_mask[:, :, None, None]
-        state = None if cache is None else cache.state
-        if self.causal and self.cross:  # bottom-right alignment: query t sees context j <= t + S - T
-            aligned_start(T, S, context_seen=0 if cache is None else cache.length, name=self.name)
-            o, state = aligned_causal_linear_attn(
-                q, k, v, eps=self.eps, initial_state=state, output_final_state=cache is not None
-            )
-        else:
-            o, state = linear_attn(
-                q, k, v, causal=self.causal, eps=self.eps, initial_state=state, output_final_state=cache is not None
-            )
-        if cache is not None:
-            cache.state, cache.length = state, cache.length + S
+        o = feature_linear_attention(self, q, k, v, padding_mask, cache)
         return self.o_proj(o.reshape(B, T, self.dim))
 
     def new_cache(self, batch_size: int) -> LinearAttentionCache:
