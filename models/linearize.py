@@ -39,7 +39,6 @@ from attnzoo.layers.registry import Attention, attention_class, attention_option
 from attnzoo.layers.softmax import SoftmaxAttention
 from attnzoo.models.swap import _source_config, _transfer
 from attnzoo.models.vit import TimmAttentionAdapter, timm_attention_class
-from attnzoo.training.optim import build_optimizer, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,8 @@ def layer_specs(
             )
         entries = list(attention)
     else:
-        if keep_softmax_every is not None and (not isinstance(keep_softmax_every, int) or keep_softmax_every < 1):
+        bad_type = isinstance(keep_softmax_every, bool) or not isinstance(keep_softmax_every, int)
+        if keep_softmax_every is not None and (bad_type or keep_softmax_every < 1):  # True is an int to Python
             raise ValueError(f"linearize: keep_softmax_every must be a positive int; got {keep_softmax_every!r}.")
         entries = [
             None if keep_softmax_every is not None and (i + 1) % keep_softmax_every == 0 else attention
@@ -286,6 +286,9 @@ def _cycle(batches: Iterable[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    # imported here: attnzoo.training's package imports Lightning and Hydra, which attnzoo.models must not need
+    from attnzoo.training.optim import warmup_cosine
+
     schedule = lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -380,6 +383,8 @@ def finetune(
     gradients clipped at norm 1 as the trainer config does); returns the loss of every step."""
     if steps <= 0:
         return []
+    from attnzoo.training.optim import build_optimizer  # lazily, as in _scheduler
+
     optimizer = build_optimizer(model, {"lr": lr, "weight_decay": weight_decay, "betas": (0.9, 0.95)})
     scheduler = _scheduler(optimizer, steps, warmup_steps)
     model.train()

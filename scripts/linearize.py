@@ -12,7 +12,10 @@ config, so the output directory is a normal run directory: ``config.yaml`` (with
 ``linearize`` section: the quality after every stage, what was copied and trained). Resume or continue it with
 
     python train.py --config-path <out> --config-name config ckpt_path=<out>/checkpoints/last.ckpt \\
-        trainer.max_steps=<more steps>
+        trainer.max_steps=<total steps, counted from the start of the fine-tune>
+
+(the script prints this command and writes it to ``summary.json`` as ``linearize.resume``, with twice the fine-tune's
+steps)
 
 and sample from it with ``scripts/generate.py --checkpoint <out>/checkpoints/last.ckpt`` (text runs).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import shlex
 import sys
 import time
 from datetime import datetime
@@ -143,6 +147,8 @@ def linearize_run(args: argparse.Namespace) -> dict[str, Any]:
         return {"stage": stage, **metrics}
 
     stages = [quality("teacher")]
+    context = int(cfg["data"].get("input_seq_len") or cfg["data"].get("seq_len") or 64)
+    decode = {"teacher": decode_cost(model, context)}
     report = LinearizeReport()
     teacher = copy.deepcopy(model).requires_grad_(False)
     try:
@@ -215,12 +221,19 @@ def linearize_run(args: argparse.Namespace) -> dict[str, Any]:
     faults.export_weights(task, out)
     model = task.model
     stages.append(quality("finetuned"))
+    decode["linearized"] = decode_cost(model, context)
 
     # the saved config composes again: paths point at the run directory that Hydra creates for the resumed run
     saved = _replace_prefix(run_cfg, str(out), OUTPUT_KEY)
     saved["paths"]["output_dir"] = "${hydra:runtime.output_dir}"
     OmegaConf.save(OmegaConf.create(saved), out / "config.yaml")
-    resume = f"python train.py --config-path {out} --config-name config ckpt_path={out}/checkpoints/last.ckpt"
+    # max_steps counts from the start of the fine-tune (the checkpoint's global step), so twice the steps done
+    # continues for as many again; Hydra needs the run directory as --config-path (an absolute path)
+    last = shlex.quote(f"ckpt_path={out}/checkpoints/last.ckpt")
+    resume = (
+        f"python train.py --config-path {shlex.quote(str(out))} --config-name config {last} "
+        f"trainer.max_steps={2 * trainer.global_step}"
+    )
     summary = {
         "config_name": "config",
         "overrides": [],
@@ -253,18 +266,52 @@ def linearize_run(args: argparse.Namespace) -> dict[str, Any]:
             "fresh": report.fresh,
             "transfer_loss_first_last": report.transfer_losses[:1] + report.transfer_losses[-1:],
             "transfer_layer_errors": report.transfer_layer_errors,
-            "resume": resume + " trainer.max_steps=<more>",
+            "decode": decode,
+            "resume": resume,
         },
     }
     write_summary(out / "summary.json", summary)
     if args.report:
         print(stage_table(stages))
+        for which, cost in decode.items():
+            if cost:
+                print(
+                    f"decode ({which}): {cost['state_numbers']:,} state numbers at {cost['context']} tokens, "
+                    f"{cost['ms_per_token']:.2f} ms/token"
+                )
     print(
-        f"linearize: wrote {out} (summary.json, checkpoints/, model.safetensors)\nresume with: {resume} "
-        f"trainer.max_steps=<more>",
+        f"linearize: wrote {out} (summary.json, checkpoints/, model.safetensors)\nresume with: {resume}",
         flush=True,
     )
     return summary
+
+
+def decode_cost(model: torch.nn.Module, context: int, new_tokens: int = 32, repeats: int = 3) -> dict[str, float]:
+    """What decoding one more token costs after ``context`` tokens (batch 1, greedy, the per-layer caches).
+
+    ``state_numbers``: the numbers every attention layer keeps per sequence (``layer.state_size(context)``), summed;
+    ``ms_per_token``: median over ``repeats`` of (time to generate ``new_tokens`` - time to generate 1) / (new_tokens
+    - 1), so the prompt's prefill cancels out. Empty for a model without ``generate`` (classifiers).
+    """
+    from attnzoo.models.linearize import attention_layers
+
+    if not hasattr(model, "generate"):
+        return {}
+    was_training = model.training
+    model.eval()
+    prompt = torch.randint(0, getattr(model, "vocab_size", 2), (1, context))
+
+    def seconds(count: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(prompt, count, temperature=0)
+        return time.perf_counter() - start
+
+    seconds(2)  # warm-up: first-call allocations
+    times = sorted((seconds(new_tokens) - seconds(1)) / (new_tokens - 1) for _ in range(repeats))
+    model.train(was_training)
+    state = sum(int(layer.state_size(context)) for _, layer in attention_layers(model))
+    return {"context": context, "state_numbers": state, "ms_per_token": 1e3 * times[len(times) // 2]}
 
 
 def stage_table(stages: list[dict[str, Any]]) -> str:
