@@ -198,7 +198,11 @@ def _has_flex() -> bool:
 @pytest.mark.skipif(not _has_flex(), reason="this torch has no FlexAttention")
 @pytest.mark.parametrize("case", ["band", "dilated_cross", "key_mask_bias", "routed"])
 def test_flex_lowering_equals_torch_lowering_on_cpu_forward(case):
-    """FlexAttention runs eagerly (forward only) on the CPU: the CUDA lowering is checked against the CPU one here."""
+    """FlexAttention runs eagerly (forward only) on the CPU: the CUDA lowering is checked against the CPU one here.
+
+    Eager FlexAttention evaluates mask_mod on every pair and does not skip unlisted blocks (measured: dropping a
+    needed block from the BlockMask leaves its output unchanged), so this checks the mask, padding and score
+    lowering; which blocks the compiled kernel visits is checked on ``coarse_kv_blocks`` directly (below)."""
     torch.manual_seed(0)
     B, H, T, S = 2, 2, 48, 48
     key_mask, bias_mod = None, None
@@ -352,3 +356,53 @@ def test_dropout_is_applied_in_the_torch_backend():
     # averaged over many draws, dropout is unbiased
     mean = torch.stack([sparse_attention(q, k, v, pattern, dropout_p=0.5, backend="torch") for _ in range(400)]).mean(0)
     assert (mean - plain).abs().mean() < 0.1 * plain.abs().mean()
+
+
+def _listed_pairs(pattern, B=1, H=1):
+    """(B|1, H|1, T, S) bool: the (query, key) pairs inside the listed key blocks of each query block."""
+    blocks = pattern.kv_blocks if pattern.kv_blocks.dim() == 4 else pattern.kv_blocks[None, None]
+    nkb, bs = pattern.num_kv_blocks, pattern.block_size
+    listed = torch.zeros(*blocks.shape[:-1], nkb + 1, dtype=torch.bool)
+    listed.scatter_(-1, torch.where(blocks < 0, nkb, blocks), True)
+    listed = listed[..., :nkb].repeat_interleave(bs, -2).repeat_interleave(bs, -1)
+    return listed[..., : pattern.q_len, : pattern.kv_len]
+
+
+@pytest.mark.parametrize("block_size", [16, 24, 48, 128, 256])
+@pytest.mark.parametrize("kind", ["band", "cross", "routed"])
+def test_flex_reblocking_covers_exactly_the_coarse_blocks_the_pattern_touches(block_size, kind):
+    """The BlockMask grid is a multiple of the compiled kernel's tile (128): a coarse block is listed iff it overlaps
+    a listed fine block pair."""
+    from attnzoo.kernels.sparse_attention.flex import coarse_kv_blocks, flex_block_size
+
+    T, S = 300, (420 if kind == "cross" else 300)
+    if kind == "routed":
+        pattern, _ = routed_pattern(2, 3, T, block_size, top=2)
+    else:
+        pattern = band_pattern(T, S, 40, 7, dilation=2 if kind == "cross" else 1, block_size=block_size)
+    coarse = flex_block_size(block_size)
+    assert coarse % 128 == 0 and (coarse == block_size or block_size % 128)
+    kv_num, kv_indices = coarse_kv_blocks(pattern, coarse)
+    fine = _listed_pairs(pattern)
+    nqc, nkc = num_blocks(T, coarse), num_blocks(S, coarse)
+    padded = torch.zeros(*fine.shape[:2], nqc * coarse, nkc * coarse, dtype=torch.bool)
+    padded[..., :T, :S] = fine
+    expected = padded.view(*fine.shape[:2], nqc, coarse, nkc, coarse).any(3).any(-1)  # (B|1, H|1, nqc, nkc)
+    assert torch.equal(kv_num, expected.sum(-1).int())
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in expected.shape[:3])).tolist():
+        listed = kv_indices[tuple(index)][: kv_num[tuple(index)]].tolist()
+        assert listed == expected[tuple(index)].nonzero().flatten().tolist()  # listed first, in order
+
+
+@pytest.mark.skipif(not _has_flex(), reason="this torch has no FlexAttention")
+@pytest.mark.parametrize("block_size", [24, 48, 256])
+def test_flex_lowering_with_reblocking_equals_torch_lowering(block_size):
+    torch.manual_seed(1)
+    B, H, T, S = 1, 2, 300, 340
+    pattern = band_pattern(T, S, 30, 5, dilation=3, block_size=block_size)
+    key_mask = torch.rand(B, S) > 0.2
+    q, k, v = qkv(B=B, T=T, S=S, H=H, D=16, dtype=torch.float32)
+    with torch.no_grad():
+        got = sparse_attention(q, k, v, pattern, key_mask=key_mask, backend="flex")
+        expected = sparse_attention(q, k, v, pattern, key_mask=key_mask, backend="torch")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

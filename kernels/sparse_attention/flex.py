@@ -13,7 +13,7 @@ import functools
 import torch
 from torch import Tensor
 
-from attnzoo.kernels.sparse_attention.pattern import BiasMod, BlockPattern
+from attnzoo.kernels.sparse_attention.pattern import BiasMod, BlockPattern, num_blocks
 
 
 @functools.cache
@@ -23,19 +23,64 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def block_mask_from_pattern(pattern: BlockPattern, key_mask: Tensor | None, batch_size: int, num_heads: int, device):
-    """The ``BlockMask`` of ``pattern`` (with the key padding mask folded into its mask_mod)."""
-    from torch.nn.attention.flex_attention import BlockMask
+# The compiled kernel walks a BlockMask in tiles of 128 (or 64) queries and keys, and its sparse blocks must be whole
+# multiples of those tiles; a pattern cut into other blocks (a Swin window of 49, a stride of 24) is therefore
+# re-blocked onto a coarser grid of FLEX_BLOCK_SIZE whose blocks hold every fine block listed, while mask_mod keeps
+# the pattern exact inside them.
+FLEX_BLOCK_SIZE = 128
 
-    blocks = pattern.kv_blocks.to(device)
+
+def flex_block_size(block_size: int) -> int:
+    """The BlockMask block size for a pattern of ``block_size``: itself if a multiple of 128, else 128."""
+    return block_size if block_size % FLEX_BLOCK_SIZE == 0 else FLEX_BLOCK_SIZE
+
+
+def coarse_kv_blocks(pattern: BlockPattern, coarse: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """The pattern's listed key blocks on a grid of ``coarse`` positions per block.
+
+    A coarse query block lists every coarse key block that overlaps a fine key block listed for any fine query block
+    overlapping it. Returns ``(kv_num_blocks, kv_indices)`` as ``BlockMask.from_kv_blocks`` takes them, int32 of
+    shapes (B|1, H|1, nqc) and (B|1, H|1, nqc, nkc), the listed blocks first in increasing order.
+    """
+    blocks = pattern.kv_blocks.to(device) if device is not None else pattern.kv_blocks
     if blocks.dim() == 2:
         blocks = blocks[None, None]
-    blocks = blocks.expand(batch_size if blocks.shape[0] != 1 else 1, blocks.shape[1], -1, -1)
+    fine, dev = pattern.block_size, blocks.device
+    nqc, nkc = num_blocks(pattern.q_len, coarse), num_blocks(pattern.kv_len, coarse)
+
+    def spans(first: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Coarse blocks covered by fine blocks ``first`` (clamped to ``length``): (index, valid), one more dim."""
+        start = first * fine // coarse
+        end = (torch.clamp((first + 1) * fine, max=length) - 1) // coarse
+        width = (fine + coarse - 2) // coarse + 1  # most coarse blocks one fine block can touch
+        index = start[..., None] + torch.arange(width, device=dev)
+        return index, index <= end[..., None]
+
     listed = blocks >= 0
-    past_end = pattern.num_kv_blocks  # sorts the unused slots last, then they become block 0 beyond kv_num_blocks
-    ordered = torch.where(listed, blocks, past_end).sort(dim=-1).values
-    kv_indices = torch.where(ordered == past_end, 0, ordered).to(torch.int32).contiguous()
-    kv_num_blocks = listed.sum(dim=-1).to(torch.int32).contiguous()
+    key_index, key_valid = spans(blocks.clamp(min=0), pattern.kv_len)  # (B, H, nqb, m, wk)
+    key_valid &= listed[..., None]
+    query_index, query_valid = spans(torch.arange(blocks.shape[-2], device=dev), pattern.q_len)  # (nqb, wq)
+    # every (coarse query block, coarse key block) pair; invalid pairs land in a spill column nkc, dropped after
+    keys, keys_valid = key_index.flatten(-2)[..., None, :], key_valid.flatten(-2)[..., None, :]  # (B, H, nqb, 1, m wk)
+    cell = query_index[:, :, None] * (nkc + 1) + keys  # (B, H, nqb, wq, m wk)
+    valid = query_valid[:, :, None] & keys_valid
+    cell = torch.where(valid, cell, nkc)  # (B, H, nqb, wq, m * wk)
+    dense = torch.zeros(*blocks.shape[:2], nqc * (nkc + 1), dtype=torch.bool, device=dev)
+    dense.scatter_(-1, cell.flatten(2), True)
+    dense = dense.view(*blocks.shape[:2], nqc, nkc + 1)[..., :nkc]
+    kv_num_blocks = dense.sum(-1).to(torch.int32)
+    # listed blocks first, each row in increasing block order (a stable sort on "not listed")
+    kv_indices = torch.sort((~dense).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    return kv_num_blocks.contiguous(), kv_indices.contiguous()
+
+
+def block_mask_from_pattern(pattern: BlockPattern, key_mask: Tensor | None, batch_size: int, num_heads: int, device):
+    """The ``BlockMask`` of ``pattern`` (re-blocked to :func:`flex_block_size`, the key padding mask folded into its
+    mask_mod)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    coarse = flex_block_size(pattern.block_size)
+    kv_num_blocks, kv_indices = coarse_kv_blocks(pattern, coarse, device)
     mask_mod = pattern.mask_mod
     if key_mask is not None:
         pattern_mask = mask_mod
@@ -46,7 +91,7 @@ def block_mask_from_pattern(pattern: BlockPattern, key_mask: Tensor | None, batc
     return BlockMask.from_kv_blocks(
         kv_num_blocks,
         kv_indices,
-        BLOCK_SIZE=pattern.block_size,
+        BLOCK_SIZE=coarse,
         mask_mod=mask_mod,
         seq_lengths=(pattern.q_len, pattern.kv_len),
     )
