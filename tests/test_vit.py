@@ -142,3 +142,31 @@ def test_pickle_and_deepcopy_rebuild_the_runtime_adapter_classes():
     for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         torch.testing.assert_close(clone(x), model(x), atol=0, rtol=0)
         assert type(clone.blocks[1].attn) is type(model.blocks[1].attn)
+
+
+def test_experiment_vit_digits_runs_with_neighborhood(tmp_path, data_dir):
+    """``experiment=vit_digits attention=neighborhood`` trains through run(cfg): every block's neighborhood layer gets
+    the 4x4 patch grid and the class token, and the 2-D relative position bias is on (NAT)."""
+    import json
+
+    from conftest import compose_train, shrink
+    from omegaconf import open_dict
+
+    from attnzoo.training import run
+
+    cfg = shrink(
+        compose_train(["experiment=vit_digits", "attention=neighborhood", "attention.kernel_size=3"]),
+        tmp_path,
+        data_dir,
+    )
+    with open_dict(cfg):
+        cfg.trainer.limit_train_batches = 2
+        cfg.trainer.limit_val_batches = 1
+        cfg.trainer.limit_test_batches = 1
+    run(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["attention"] == ["neighborhood"] * 4 and "test/acc" in summary["test_metrics"]
+    model = ViT(**SMALL, attention={"name": "neighborhood", "kernel_size": 3})
+    spec = type(model.blocks[0].attn).zoo_spec
+    assert tuple(spec["grid_size"]) == (4, 4) and spec["num_prefix_tokens"] == 1
+    assert model.blocks[0].attn.rpb.shape == (4, 5, 5)
