@@ -241,7 +241,9 @@ def _causal_blocked(
 
     q_blocks = time_major(q, 0).view(n, b, BH, -1).transpose(1, 2)  # (n, B H, b, D)
     k_win, v_win = windows(time_major(k, p * b)), windows(time_major(v, p * b))  # (n, B H, W, D)
-    mask = _causal_window_mask(kernel_size, dilation, b, p, n, q.dtype, q.device)  # (n, 1, b, W)
+    # compiled code traces the builder itself (the cache would be a Python side effect in the graph)
+    build_mask = _causal_window_mask.__wrapped__ if torch.compiler.is_compiling() else _causal_window_mask
+    mask = build_mask(kernel_size, dilation, b, p, n, q.dtype, q.device)  # (n, 1, b, W)
     if key_mask is None:  # every query sees itself: no empty rows
         o = F.scaled_dot_product_attention(q_blocks, k_win, v_win, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     else:
