@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnzoo.kernels.sparse_attention import check_kv_blocks
 from attnzoo.layers import build_attention
@@ -281,3 +282,36 @@ def test_errors_are_clear():
         build_attention("neighborhood", dim=16, num_heads=2, causal=True, rel_pos_bias=True)
     with pytest.raises(ValueError, match="unknown backend 'flx'"):
         neighborhood_attention(q, k, v, kernel_size=3, backend="flx")
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize(
+    "options,keys_per_query",
+    [
+        (dict(causal=True, kernel_size=9), 2 * 64),  # blocked path: own + previous 64-block
+        (dict(kernel_size=5, grid_size=(64, 16)), 5 * 64),  # band of 4 rows + 15 columns each side: 5 key blocks
+    ],
+    ids=["causal-blocked", "2d-grid"],
+)
+def test_no_op_builds_a_T_by_T_tensor(options, keys_per_query):
+    """Forward and backward at T = 1024: the largest tensor holds T x (keys a query block reads) per head."""
+    T, heads = 1024, 4
+    layer = build_attention("neighborhood", dim=32, num_heads=heads, **options)
+    x = torch.randn(1, T, 32, requires_grad=True)
+    with LargestTensor() as spy:
+        layer(x).sum().backward()
+    assert spy.numel <= heads * T * keys_per_query < heads * T * T / 3
