@@ -19,6 +19,10 @@ The teacher's q/k/v projections only move into projections of the same shape. Ta
 ``expand_v`` option (GLA, RetNet, DeltaNet...) default to 0.5 keys in FLA, which would leave the teacher's q and k
 behind, so unless the spec sets them they are built with 1.0 here (``match_teacher_shapes=False`` keeps the layer's
 own defaults).
+
+``attnzoo.models.linearize`` is the function (``attnzoo.models`` re-exports it under the module's name, so
+``import attnzoo.models.linearize as m`` binds the function too); the stage functions are reached with
+``from attnzoo.models.linearize import attention_transfer`` or ``importlib.import_module("attnzoo.models.linearize")``.
 """
 
 from __future__ import annotations
