@@ -286,7 +286,10 @@ def teacher_run(run_dir: Path, data_dir: Path, overrides: list[str] | None = Non
     with open_dict(cfg):
         if cfg.data.name == "mqar":
             cfg.data.update(vocab_size=32, input_seq_len=16, num_kv_pairs=2)
-        cfg.model.update(dim=32, depth=2, num_heads=2)
+        if cfg.model.name == "vit":
+            cfg.model.update(embed_dim=32, depth=2, num_heads=2)
+        else:
+            cfg.model.update(dim=32, depth=2, num_heads=2)
         cfg.trainer.limit_train_batches = 4
         cfg.trainer.limit_val_batches = 1
         cfg.trainer.limit_test_batches = 1
@@ -337,6 +340,18 @@ def test_script_writes_a_run_directory(mqar_teacher, tmp_path, capsys):
     from safetensors.torch import load_file
 
     assert any(k.endswith("attn.gk_proj.0.weight") for k in load_file(out / "model.safetensors"))
+
+
+def test_script_on_a_vit_digits_run(tmp_path, data_dir):
+    teacher = teacher_run(tmp_path / "teacher", data_dir, ["experiment=vit_digits"])
+    out = tmp_path / "linearized"
+    script = load_script("linearize")
+    saved = script.main(
+        [f"--checkpoint={teacher}", "--attention=gla", "--transfer-steps=2", "--finetune-steps=2", f"--out={out}"]
+    )
+    assert saved["attention"] == ["gla", "gla"] and (out / "model.safetensors").is_file()
+    assert saved["linearize"]["decode"] == {"teacher": {}, "linearized": {}}  # a classifier does not decode
+    assert set(saved["test_metrics"]) >= {"test/acc"}
 
 
 def test_script_rejects_bad_input(mqar_teacher, tmp_path):
