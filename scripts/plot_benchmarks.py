@@ -85,6 +85,55 @@ FIGURES = (
         "training step (s)",
         "MQAR training step at T=128 by threads",
     ),
+    Figure(
+        "linearize_mqar",
+        "## 8. Linearizing",
+        0,
+        ("model",),
+        ("right after the swap", "after fine-tune (val / test)", "from scratch, 500 steps (test)"),
+        "accuracy (fine-tune: validation)",
+        "MQAR: linearized models against the softmax teacher (dashed, 0.996)",
+        reference=0.996,
+    ),
+    Figure(
+        "linearize_text",
+        "## 8. Linearizing",
+        1,
+        ("model",),
+        (
+            "right after the swap",
+            "after transfer",
+            "after fine-tune (val / test)",
+            "from scratch, 99 steps (val / test)",
+        ),
+        "validation bits per byte (lower is better)",
+        "gpt_text linearized to gla against the teacher (dashed, 2.673)",
+        reference=2.673,
+    ),
+    Figure(
+        "linearize_vit",
+        "## 8. Linearizing",
+        2,
+        ("model",),
+        (
+            "right after the swap",
+            "after transfer",
+            "after fine-tune (val / test)",
+            "from scratch, 300 steps (val / test)",
+        ),
+        "validation accuracy",
+        "vit_digits linearized to gla against the teacher (dashed, 0.994)",
+        reference=0.994,
+    ),
+    Figure(
+        "linearize_decode",
+        "## 8. Linearizing",
+        3,
+        ("model", "context"),
+        ("ms / token",),
+        "ms / token",
+        "Decode time per token, teachers and linearized models (batch 1, 1 thread)",
+    ),
 )
 
 
@@ -114,8 +163,8 @@ def number(cell: str) -> float:
 
 
 def label(cell: str) -> str:
-    """A cell as a short tick label: no Markdown, no trailing details (after ':' or ' ('), wrapped."""
-    text = cell.replace("**", "").replace("`", "").split(":")[0].split(" (")[0]
+    """A cell as a short tick label: no Markdown, no trailing details (after ': ' or ' ('), wrapped."""
+    text = cell.replace("**", "").replace("`", "").split(": ")[0].split(" (")[0]
     return textwrap.fill(text, 16)
 
 
@@ -133,7 +182,9 @@ def draw(figure: Figure, rows: list[dict[str, str]], path: Path) -> None:
             raise SystemExit(f"{DOC}: table {figure.table} of {figure.section!r} has no column {column!r}.")
     labels = [", ".join(label(row[c]) for c in figure.labels) for row in rows]
     width = 0.8 / len(figure.values)
-    colours = ("tab:blue",) if len(figure.values) == 1 else ("0.55", "tab:blue", "tab:orange")  # grey: the baseline
+    colours = (
+        ("tab:blue",) if len(figure.values) == 1 else ("0.55", "tab:blue", "tab:orange", "tab:green")
+    )  # grey: the baseline
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 3.8))
     for k, column in enumerate(figure.values):
         heights = [number(row[column]) for row in rows]
