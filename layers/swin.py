@@ -29,8 +29,11 @@ Sizes and defaults:
   to every token, and every grid token sees them besides its window (no position bias on those pairs), so the class
   token collects the image and feeds it back, which window attention alone would not allow.
 
-The windows are made contiguous by a window-major permutation (``attnzoo.layers.windows``); attention then runs as
-one batched SDPA over the windows with the bias and mask as a float mask, cost O(T x M_h M_w).
+The windows are made contiguous by a window-major permutation (``attnzoo.layers.windows``). The pattern (same window,
+same shift region, real key; prefix keys for everyone) and the position bias are written once, as a FlexAttention
+``mask_mod`` / ``bias_mod`` pair (:func:`window_mods`), and lowered two ways: on the CPU (and with dropout) one
+batched SDPA over the windows with the mods evaluated on each window's own positions as a float mask, cost
+O(T x M_h M_w); on CUDA :func:`attnzoo.kernels.sparse_attention` with FlexAttention over blocks of one window each.
 """
 
 from __future__ import annotations
@@ -41,11 +44,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnzoo.errors import unknown
+from attnzoo.kernels.sparse_attention import BiasMod, BlockPattern, MaskMod, sparse_attention
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.sdpa import sdpa
 from attnzoo.layers.windows import WindowLayout, check_grid, token_grid, window_layout
 
 BIAS_STD = 0.02  # timm trunc_normal_ std of the relative position bias table
+BACKENDS = ("auto", "torch", "flex")
+
+
+def window_mods(
+    layout: WindowLayout, num_prefix_tokens: int, table: Tensor, table_window: tuple[int, int]
+) -> tuple[MaskMod, BiasMod]:
+    """Swin's pattern, written once as FlexAttention-style ``mask_mod`` and ``bias_mod`` over attention positions.
+
+    Position p < A (A = window area) is a prefix slot, real for p < ``num_prefix_tokens`` (A >= the prefix is
+    checked by the caller); p >= A is grid slot p - A in window-major order. A grid query sees the real slots of its
+    own window in its own shift region, with the relative position bias ``table[rel(i, j), h]`` (timm's index on the
+    in-window coordinates, ``table_window`` = the window the table was built for), and every real prefix slot,
+    without a bias. Prefix queries see nothing here: they attend globally through a plain SDPA call.
+    """
+    A, P = layout.window_area, num_prefix_tokens
+    region, real, row, col = layout.region, layout.is_real, layout.row, layout.col
+    table_h, table_w = table_window
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        q_slot, k_slot = (q_idx - A).clamp(min=0), (kv_idx - A).clamp(min=0)
+        grid_pair = (q_idx >= A) & (kv_idx >= A) & (q_slot // A == k_slot // A)
+        grid_pair = grid_pair & (region[q_slot] == region[k_slot]) & real[k_slot]
+        return grid_pair | ((q_idx >= A) & (kv_idx < P))
+
+    def bias_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        q_slot, k_slot = (q_idx - A).clamp(min=0), (kv_idx - A).clamp(min=0)
+        index = (row[q_slot] - row[k_slot] + table_h - 1) * (2 * table_w - 1) + col[q_slot] - col[k_slot] + table_w - 1
+        return torch.where(kv_idx >= A, table[index, h], 0.0)
+
+    return mask_mod, bias_mod
 
 
 def window_attention(
@@ -96,6 +131,7 @@ class SwinAttention(Attention):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        backend: str = "auto",
     ) -> None:
         """
         Args:
@@ -112,9 +148,16 @@ class SwinAttention(Attention):
             qkv_bias: bias in the q/k/v projection (timm default True).
             attn_drop: dropout on the attention probabilities (training only).
             proj_drop: dropout after the output projection.
+            backend: ``"auto"`` (FlexAttention on CUDA without dropout, else ``"torch"``), ``"torch"`` (the windows
+                gathered into one batched SDPA call) or ``"flex"`` (:func:`attnzoo.kernels.sparse_attention` over
+                the window-major positions; forward only off CUDA, for testing the lowering). Both evaluate the
+                same :func:`window_mods`.
         """
         super().__init__(dim, num_heads, causal=causal, cross=cross)
         label = self.name
+        if backend not in BACKENDS:
+            raise ValueError(f"{label}: " + unknown("backend", backend, BACKENDS))
+        self.backend = backend
         if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
             raise ValueError(f"{label}: window_size must be a positive integer; got {window_size!r}.")
         if not isinstance(layer_index, int) or layer_index < 0:
@@ -152,14 +195,6 @@ class SwinAttention(Attention):
         shift = tuple(0 if s <= m else min(self.shift_size, m - 1) for m, s in zip(window, grid))
         return window_layout(grid, window, shift, device=device)
 
-    def relative_position_bias(self, layout: WindowLayout) -> Tensor:
-        """(H, A, A) bias of one window (timm's index; a window smaller than the table uses its central part)."""
-        table_w = self.window_size[1]
-        rows, cols = layout.row[: layout.window_area], layout.col[: layout.window_area]
-        index = (rows[:, None] - rows[None, :] + self.window_size[0] - 1) * (2 * table_w - 1)
-        index = index + cols[:, None] - cols[None, :] + table_w - 1  # (A, A)
-        return self.relative_position_bias_table[index].permute(2, 0, 1)  # (H, A, A)
-
     def forward(
         self,
         x: Tensor,
@@ -173,41 +208,83 @@ class SwinAttention(Attention):
         H, D, P = self.num_heads, self.head_dim, self.num_prefix_tokens
         grid = token_grid(self.name, self.grid_size, P, T)
         layout = self.layout(grid, device=x.device)
-        nW, A = layout.num_windows[0] * layout.num_windows[1], layout.window_area
         q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(2)  # (B, T, H, D) each
         # softmax in float32 at least (float64 stays float64), also under autocast
         dtype = torch.promote_types(q.dtype, torch.float32)
         dropout_p = self.attn_drop if self.training else 0.0
         with torch.autocast(x.device.type, enabled=False):
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-
-            def windows(t: Tensor) -> Tensor:  # (B, L, H, D) grid tokens -> (B, nW, H, A, D)
-                return layout.to_windows(t).view(B, nW, A, H, D).transpose(2, 3)
-
-            qw, kw, vw = windows(q[:, P:]), windows(k[:, P:]), windows(v[:, P:])
-            region = layout.region.view(nW, A)
-            allowed = region[:, None, :, None] == region[:, None, None, :]  # (nW, 1, A, A): same shift region
-            key_real = layout.is_real.view(1, nW, 1, 1, A)
+            mask_mod, bias_mod = window_mods(layout, P, self.relative_position_bias_table.to(dtype), self.window_size)
+            key_real = layout.is_real[None]  # (B|1, slots): grid slots that hold a real, unpadded token
+            prefix_real = torch.ones(B, P, dtype=torch.bool, device=x.device)
             if padding_mask is not None:
-                key_real = key_real & layout.to_windows(padding_mask[:, P:, None]).view(B, nW, 1, 1, A)
-            allowed = allowed & key_real  # (B|1, nW, 1, A, A)
-            bias = self.relative_position_bias(layout).to(dtype)  # (H, A, A)
-            if P > 0:  # every window also sees the prefix keys, without a position bias
-                kw = torch.cat([kw, k[:, None, :P].transpose(2, 3).expand(B, nW, H, P, D)], dim=3)
-                vw = torch.cat([vw, v[:, None, :P].transpose(2, 3).expand(B, nW, H, P, D)], dim=3)
-                prefix_real = torch.ones(B, P, dtype=torch.bool, device=x.device)
-                if padding_mask is not None:
-                    prefix_real = padding_mask[:, :P]
-                prefix_allowed = prefix_real.view(B, 1, 1, 1, P).expand(B, nW, 1, A, P)
-                allowed = torch.cat([allowed.expand(B, nW, 1, A, A), prefix_allowed], dim=-1)
-                bias = F.pad(bias, (0, P))  # (H, A, A + P)
+                key_real = key_real & layout.to_windows(padding_mask[:, P:, None])[..., 0]
+                prefix_real = padding_mask[:, :P]
             scale = D**-0.5
-            ow = window_attention(qw, kw, vw, bias, allowed, dropout_p=dropout_p, scale=scale)  # (B, nW, H, A, D)
-            o = layout.from_windows(ow.transpose(2, 3).reshape(B, nW * A, H, D))  # (B, L, H, D)
+            use_flex = self.backend == "flex" or (self.backend == "auto" and x.is_cuda and dropout_p == 0.0)
+            if use_flex:
+                o = self._flex_windows(q[:, P:], k, v, layout, key_real, prefix_real, mask_mod, bias_mod, scale)
+            else:
+                o = self._batched_windows(
+                    q[:, P:], k, v, layout, key_real, prefix_real, mask_mod, bias_mod, scale, dropout_p
+                )
             if P > 0:  # prefix queries: global attention over every token
                 prefix = sdpa(q[:, :P], k, v, causal=False, key_mask=padding_mask, dropout_p=dropout_p, scale=scale)
                 o = torch.cat([prefix, o], dim=1)
         return self.proj_drop(self.proj(o.reshape(B, T, self.dim).to(x.dtype)))
+
+    def _batched_windows(
+        self, q, k, v, layout, key_real, prefix_real, mask_mod, bias_mod, scale: float, dropout_p: float
+    ) -> Tensor:
+        """The torch lowering: each window's A queries over its A slots (+ the P prefix keys) in one batched SDPA,
+        with the mask and bias of :func:`window_mods` evaluated on those positions only. Returns (B, L, H, D)."""
+        B, _, H, D = q.shape
+        P = self.num_prefix_tokens
+        nW, A = layout.num_windows[0] * layout.num_windows[1], layout.window_area
+
+        def windows(t: Tensor) -> Tensor:  # (B, L, H, D) grid tokens -> (B, nW, H, A, D)
+            return layout.to_windows(t).view(B, nW, A, H, D).transpose(2, 3)
+
+        qw, kw, vw = windows(q), windows(k[:, P:]), windows(v[:, P:])
+        positions = A + torch.arange(nW * A, device=q.device).view(nW, A)  # the grid slots' positions
+        keys = torch.cat([positions, torch.arange(P, device=q.device).expand(nW, P)], dim=1)  # (nW, A + P)
+        allowed = mask_mod(None, None, positions[:, None, :, None], keys[:, None, None, :])  # (nW, 1, A, A + P)
+        real = torch.cat([key_real.expand(B, -1).view(B, nW, A), prefix_real[:, None].expand(B, nW, P)], dim=-1)
+        allowed = allowed & real[:, :, None, None, :]  # (B, nW, 1, A, A + P)
+        # the bias depends on in-window coordinates only: the first window's positions give every window's
+        heads = torch.arange(H, device=q.device).view(H, 1, 1)
+        bias = bias_mod(None, heads, positions[0][None, :, None], keys[0][None, None, :])  # (H, A, A + P)
+        if P > 0:  # every window also sees the prefix keys
+            kw = torch.cat([kw, k[:, None, :P].transpose(2, 3).expand(B, nW, H, P, D)], dim=3)
+            vw = torch.cat([vw, v[:, None, :P].transpose(2, 3).expand(B, nW, H, P, D)], dim=3)
+        ow = window_attention(qw, kw, vw, bias, allowed, dropout_p=dropout_p, scale=scale)  # (B, nW, H, A, D)
+        return layout.from_windows(ow.transpose(2, 3).reshape(B, nW * A, H, D))
+
+    def _flex_windows(self, q, k, v, layout, key_real, prefix_real, mask_mod, bias_mod, scale: float) -> Tensor:
+        """The FlexAttention lowering: positions [prefix slots padded to A | grid slots], blocks of A, each window's
+        block listing the prefix block and itself. Returns (B, L, H, D) for the grid queries."""
+        B, _, H, D = q.shape
+        P = self.num_prefix_tokens
+        nW, A = layout.num_windows[0] * layout.num_windows[1], layout.window_area
+        if P > A:
+            raise ValueError(
+                f"{self.name}: backend='flex' packs the {P} prefix tokens into one block of the window area {A}; "
+                "use backend='torch' for more prefix tokens than a window holds."
+            )
+
+        def sequence(t: Tensor | None, prefix: Tensor) -> Tensor:  # (B, A + slots, H, D)
+            return torch.cat([F.pad(prefix, (0, 0, 0, 0, 0, A - P)), layout.to_windows(t)], dim=1)
+
+        qs = sequence(q, q.new_zeros(B, P, H, D))
+        ks, vs = sequence(k[:, P:], k[:, :P]), sequence(v[:, P:], v[:, :P])
+        L = A + nW * A
+        own = torch.arange(1, nW + 1, device=q.device)[:, None]
+        rows = torch.cat([torch.zeros_like(own), own], dim=1) if P > 0 else own  # (nW, 1 | 2): prefix block, own
+        kv_blocks = torch.cat([torch.full_like(rows[:1], -1), rows], dim=0)  # the prefix queries' block: none
+        pattern = BlockPattern(mask_mod, L, L, A, kv_blocks)
+        key_mask = torch.cat([F.pad(prefix_real, (0, A - P)), key_real.expand(B, -1)], dim=1)
+        out = sparse_attention(qs, ks, vs, pattern, key_mask=key_mask, bias_mod=bias_mod, scale=scale, backend="flex")
+        return layout.from_windows(out[:, A:])
 
     def extra_repr(self) -> str:
         return (

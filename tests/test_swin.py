@@ -141,3 +141,37 @@ def test_vit_passes_layer_index_and_alternates_shifts():
     logits = model(x)
     logits.sum().backward()
     assert logits.shape == (2, 10) and torch.isfinite(layers[1].relative_position_bias_table.grad).all()
+
+
+@pytest.mark.parametrize(
+    "grid,window,shift,prefix",
+    [((8, 8), 4, 2, 0), ((9, 9), 7, 3, 1), ((5, 7), 3, 1, 2), ((4, 4), 7, 3, 1), ((1, 13), 5, 2, 0)],
+    ids=lambda v: str(v),
+)
+def test_flex_lowering_equals_the_batched_windows(grid, window, shift, prefix):
+    """The same mask_mod / bias_mod through FlexAttention (its CPU forward) and through the batched-window SDPA."""
+    from attnzoo.kernels.sparse_attention.flex import sparse_attention_flex  # noqa: F401  (FlexAttention present)
+
+    torch.manual_seed(3)
+    options = dict(window_size=window, shift_size=shift, grid_size=grid, num_prefix_tokens=prefix)
+    layer = build_attention("swin", dim=DIM, num_heads=HEADS, **options).eval()
+    torch.nn.init.normal_(layer.relative_position_bias_table)
+    T = prefix + grid[0] * grid[1]
+    x = torch.randn(2, T, DIM)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[0, [prefix, T - 1]] = False
+    with torch.no_grad():
+        expected = layer(x, padding_mask=mask)
+        layer.backend = "flex"
+        got = layer(x, padding_mask=mask)
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_backend_option_is_checked():
+    with pytest.raises(ValueError, match=r"unknown backend 'triton'.*flex"):
+        build_attention("swin", dim=DIM, num_heads=HEADS, backend="triton")
+    layer = build_attention("swin", dim=DIM, num_heads=HEADS, grid_size=(2, 2), window_size=1, num_prefix_tokens=2)
+    layer.backend = "flex"
+    with pytest.raises(ValueError, match="packs the 2 prefix tokens into one block of the window area 1"):
+        with torch.no_grad():
+            layer(torch.randn(1, 6, DIM))
