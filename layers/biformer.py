@@ -27,7 +27,8 @@ columns gets one-token regions and never an empty one; the grid is padded at the
 the official code lets the zero padding take part (as keys and in the region means), the padded slots, and keys
 masked by ``padding_mask``, are left out here of the means, of the keys and of LCE (zeroed values), so outputs never
 depend on padding; on a multiple of n_win both agree. k is clamped to the number of regions. Without ``grid_size``
-the input is a 1-D sequence: min(n_win, T) regions of consecutive tokens and a 1-D LCE of width ``side_dwconv``.
+the input is a 1-D sequence: min(n_win, T) regions of consecutive tokens and a 1-D LCE of width ``side_dwconv``
+(the regions follow the padded length T, so a right-padded sequence is cut differently from the same one alone).
 Prefix tokens (``num_prefix_tokens``, the ViT's class token) are not in any region: they attend globally to every
 token, and every token sees them besides its routed regions; they get no LCE term.
 

