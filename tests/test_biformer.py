@@ -182,3 +182,28 @@ def test_causal_and_wrong_grid_raise_with_the_fix():
     layer = build_attention("biformer", dim=DIM, num_heads=HEADS, grid_size=(4, 4))
     with pytest.raises(ValueError, match=r"built for num_prefix_tokens=0 \+ a 4x4 grid = 16 tokens; got 17"):
         layer(torch.randn(1, 17, DIM))
+
+
+@pytest.mark.parametrize(
+    "grid,n_win,topk,prefix", [((8, 8), 4, 2, 0), ((9, 6), 4, 3, 2), ((7, 7), 7, 4, 3), (None, 4, 2, 1)]
+)
+def test_flex_lowering_equals_the_gathered_regions(grid, n_win, topk, prefix):
+    """The routing as a block-sparse pattern through FlexAttention (its CPU forward) equals the gathered regions,
+    with padding and prefix tokens (3 prefix tokens on one-token regions take 3 prefix blocks)."""
+    from attnzoo.kernels.sparse_attention.flex import sparse_attention_flex  # noqa: F401  (FlexAttention present)
+
+    layer = make(grid, n_win=n_win, topk=topk, num_prefix_tokens=prefix).float()
+    T = prefix + (grid[0] * grid[1] if grid else 21)
+    x = torch.randn(2, T, DIM)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[0, -5:] = False
+    with torch.no_grad():
+        expected = layer(x, padding_mask=mask)
+        layer.backend = "flex"
+        got = layer(x, padding_mask=mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_option_is_checked():
+    with pytest.raises(ValueError, match=r"unknown backend 'triton'.*flex"):
+        build_attention("biformer", dim=DIM, num_heads=HEADS, backend="triton")
