@@ -172,6 +172,8 @@ def test_backend_option_is_checked():
         build_attention("swin", dim=DIM, num_heads=HEADS, backend="triton")
     layer = build_attention("swin", dim=DIM, num_heads=HEADS, grid_size=(2, 2), window_size=1, num_prefix_tokens=2)
     layer.backend = "flex"
-    with pytest.raises(ValueError, match="packs the 2 prefix tokens into one block of the window area 1"):
-        with torch.no_grad():
-            layer(torch.randn(1, 6, DIM))
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match="packs the 2 prefix tokens into one block of the window area 1"),
+    ):
+        layer(torch.randn(1, 6, DIM))
