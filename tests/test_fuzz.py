@@ -112,15 +112,20 @@ def test_fuzz_contract(name, pattern):
     check()
 
 
+QUADRATIC_MEMORY = {"landmark"}  # layers whose memory grows with T x T by design
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list_attention())
 def test_long_sequence_bf16_is_finite(name):
-    """T = 16384 under bf16 autocast: finite outputs and gradients (states and denominators stay in float32).
+    """T = 16384 (4096 for a layer with T x T memory) under bf16 autocast: finite outputs and gradients (states and
+    denominators stay in float32).
 
     The causal pattern when the layer has one, else the non-causal one; a layer with a positional bound (cosFormer's
     ``max_len``) is built to cover the sequence.
     """
-    T = 16384
+    # landmark's grouped softmax weighs every key (T x T scores per head, as the paper's): 16384 tokens need ~25 GB
+    T = 4096 if name in QUADRATIC_MEMORY else 16384
     pattern = "causal_self" if "causal_self" in attention_class(name).patterns else "noncausal_self"
     options = {"max_len": T} if "max_len" in attention_info(name).options else {}
     torch.manual_seed(0)
