@@ -54,31 +54,37 @@ BIAS_STD = 0.02  # timm trunc_normal_ std of the relative position bias table
 BACKENDS = ("auto", "torch", "flex")
 
 
+def prefix_slots(num_prefix_tokens: int, window_area: int) -> int:
+    """Positions before the grid slots: the prefix tokens padded to whole blocks of one window."""
+    return -(-num_prefix_tokens // window_area) * window_area
+
+
 def window_mods(
     layout: WindowLayout, num_prefix_tokens: int, table: Tensor, table_window: tuple[int, int]
 ) -> tuple[MaskMod, BiasMod]:
     """Swin's pattern, written once as FlexAttention-style ``mask_mod`` and ``bias_mod`` over attention positions.
 
-    Position p < A (A = window area) is a prefix slot, real for p < ``num_prefix_tokens`` (A >= the prefix is
-    checked by the caller); p >= A is grid slot p - A in window-major order. A grid query sees the real slots of its
-    own window in its own shift region, with the relative position bias ``table[rel(i, j), h]`` (timm's index on the
-    in-window coordinates, ``table_window`` = the window the table was built for), and every real prefix slot,
-    without a bias. Prefix queries see nothing here: they attend globally through a plain SDPA call.
+    The first G = ceil(P / A) * A positions are prefix slots (A = window area; real for p < P =
+    ``num_prefix_tokens``), position p >= G is grid slot p - G in window-major order. A grid query sees the real
+    slots of its own window in its own shift region, with the relative position bias ``table[rel(i, j), h]``
+    (timm's index on the in-window coordinates, ``table_window`` = the window the table was built for), and every
+    real prefix slot, without a bias. Prefix queries see nothing here: they attend globally through a plain SDPA call.
     """
     A, P = layout.window_area, num_prefix_tokens
+    G = prefix_slots(P, A)
     region, real, row, col = layout.region, layout.is_real, layout.row, layout.col
     table_h, table_w = table_window
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        q_slot, k_slot = (q_idx - A).clamp(min=0), (kv_idx - A).clamp(min=0)
-        grid_pair = (q_idx >= A) & (kv_idx >= A) & (q_slot // A == k_slot // A)
+        q_slot, k_slot = (q_idx - G).clamp(min=0), (kv_idx - G).clamp(min=0)
+        grid_pair = (q_idx >= G) & (kv_idx >= G) & (q_slot // A == k_slot // A)
         grid_pair = grid_pair & (region[q_slot] == region[k_slot]) & real[k_slot]
-        return grid_pair | ((q_idx >= A) & (kv_idx < P))
+        return grid_pair | ((q_idx >= G) & (kv_idx < P))
 
     def bias_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        q_slot, k_slot = (q_idx - A).clamp(min=0), (kv_idx - A).clamp(min=0)
+        q_slot, k_slot = (q_idx - G).clamp(min=0), (kv_idx - G).clamp(min=0)
         index = (row[q_slot] - row[k_slot] + table_h - 1) * (2 * table_w - 1) + col[q_slot] - col[k_slot] + table_w - 1
-        return torch.where(kv_idx >= A, table[index, h], 0.0)
+        return torch.where(kv_idx >= G, table[index, h], 0.0)
 
     return mask_mod, bias_mod
 
@@ -246,7 +252,7 @@ class SwinAttention(Attention):
             return layout.to_windows(t).view(B, nW, A, H, D).transpose(2, 3)
 
         qw, kw, vw = windows(q), windows(k[:, P:]), windows(v[:, P:])
-        positions = A + torch.arange(nW * A, device=q.device).view(nW, A)  # the grid slots' positions
+        positions = prefix_slots(P, A) + torch.arange(nW * A, device=q.device).view(nW, A)  # the grid slots
         keys = torch.cat([positions, torch.arange(P, device=q.device).expand(nW, P)], dim=1)  # (nW, A + P)
         allowed = mask_mod(None, None, positions[:, None, :, None], keys[:, None, None, :])  # (nW, 1, A, A + P)
         real = torch.cat([key_real.expand(B, -1).view(B, nW, A), prefix_real[:, None].expand(B, nW, P)], dim=-1)
@@ -261,30 +267,27 @@ class SwinAttention(Attention):
         return layout.from_windows(ow.transpose(2, 3).reshape(B, nW * A, H, D))
 
     def _flex_windows(self, q, k, v, layout, key_real, prefix_real, mask_mod, bias_mod, scale: float) -> Tensor:
-        """The FlexAttention lowering: positions [prefix slots padded to A | grid slots], blocks of A, each window's
-        block listing the prefix block and itself. Returns (B, L, H, D) for the grid queries."""
+        """The FlexAttention lowering: positions [prefix slots padded to whole windows | grid slots], blocks of one
+        window each, a window's block listing the prefix blocks and itself. Returns (B, L, H, D), the grid queries."""
         B, _, H, D = q.shape
         P = self.num_prefix_tokens
         nW, A = layout.num_windows[0] * layout.num_windows[1], layout.window_area
-        if P > A:
-            raise ValueError(
-                f"{self.name}: backend='flex' packs the {P} prefix tokens into one block of the window area {A}; "
-                "use backend='torch' for more prefix tokens than a window holds."
-            )
+        G = prefix_slots(P, A)
 
-        def sequence(t: Tensor | None, prefix: Tensor) -> Tensor:  # (B, A + slots, H, D)
-            return torch.cat([F.pad(prefix, (0, 0, 0, 0, 0, A - P)), layout.to_windows(t)], dim=1)
+        def sequence(t: Tensor | None, prefix: Tensor) -> Tensor:  # (B, G + slots, H, D)
+            return torch.cat([F.pad(prefix, (0, 0, 0, 0, 0, G - P)), layout.to_windows(t)], dim=1)
 
         qs = sequence(q, q.new_zeros(B, P, H, D))
         ks, vs = sequence(k[:, P:], k[:, :P]), sequence(v[:, P:], v[:, :P])
-        L = A + nW * A
-        own = torch.arange(1, nW + 1, device=q.device)[:, None]
-        rows = torch.cat([torch.zeros_like(own), own], dim=1) if P > 0 else own  # (nW, 1 | 2): prefix block, own
-        kv_blocks = torch.cat([torch.full_like(rows[:1], -1), rows], dim=0)  # the prefix queries' block: none
-        pattern = BlockPattern(mask_mod, L, L, A, kv_blocks)
-        key_mask = torch.cat([F.pad(prefix_real, (0, A - P)), key_real.expand(B, -1)], dim=1)
+        n_prefix = G // A
+        # window n's block lists the prefix blocks and itself; the prefix queries' blocks list nothing
+        windows = torch.arange(n_prefix, n_prefix + nW, device=q.device)[:, None]
+        rows = torch.cat([torch.arange(n_prefix, device=q.device).expand(nW, n_prefix), windows], dim=1)
+        kv_blocks = torch.cat([torch.full_like(rows[:1], -1).expand(n_prefix, -1), rows], dim=0)
+        pattern = BlockPattern(mask_mod, G + nW * A, G + nW * A, A, kv_blocks)
+        key_mask = torch.cat([F.pad(prefix_real, (0, G - P)), key_real.expand(B, -1)], dim=1)
         out = sparse_attention(qs, ks, vs, pattern, key_mask=key_mask, bias_mod=bias_mod, scale=scale, backend="flex")
-        return layout.from_windows(out[:, A:])
+        return layout.from_windows(out[:, G:])
 
     def extra_repr(self) -> str:
         return (
