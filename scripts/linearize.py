@@ -3,6 +3,7 @@
     python scripts/linearize.py --checkpoint outputs/<date>/<time>/checkpoints/best.ckpt --attention gla
     python scripts/linearize.py --checkpoint <run>/checkpoints/last.ckpt --attention gla --keep-softmax-every 4 \\
         --transfer-steps 200 --finetune-steps 300 --report
+    python scripts/linearize.py --checkpoint <run>/checkpoints/last.ckpt --attention gla --keep-softmax-layers 1
 
 The run's configuration (model, data, optimizer, trainer, callbacks) is read from its ``config.yaml`` next to the
 ``checkpoints/`` folder, so the model linearizes on its own training data. Stages 0 and 1 (swap, attention transfer)
@@ -131,6 +132,15 @@ def linearize_run(args: argparse.Namespace) -> dict[str, Any]:
     depth = len(attention_layers(model))
     target: Any = {"name": args.attention, **dict(parse_option(o) for o in args.option)}
     try:
+        if args.keep_softmax_layers:
+            if args.keep_softmax_every is not None:
+                raise ValueError("give either --keep-softmax-every or --keep-softmax-layers, not both.")
+            outside = sorted(set(args.keep_softmax_layers) - set(range(depth)))
+            if outside:
+                raise ValueError(
+                    f"--keep-softmax-layers {outside} outside the model's {depth} attention layers (0 .. {depth - 1})."
+                )
+            target = [None if i in args.keep_softmax_layers else target for i in range(depth)]
         specs = layer_specs(target, depth, args.keep_softmax_every, match_teacher_shapes=not args.layer_defaults)
     except (ValueError, TypeError) as err:
         raise SystemExit(f"linearize: {err}") from None
@@ -257,6 +267,7 @@ def linearize_run(args: argparse.Namespace) -> dict[str, Any]:
             "teacher_checkpoint": str(checkpoint),
             "target": target,
             "keep_softmax_every": args.keep_softmax_every,
+            "keep_softmax_layers": sorted(args.keep_softmax_layers or []),
             "transfer_steps": args.transfer_steps,
             "finetune_steps": trainer.global_step,
             "transfer_lr": args.transfer_lr,
@@ -332,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention", required=True, help="the target attention (a registered name)")
     parser.add_argument("--option", action="append", default=[], help="a target option key=value (repeatable)")
     parser.add_argument("--keep-softmax-every", type=int, default=None, help="keep every k-th layer softmax")
+    parser.add_argument(
+        "--keep-softmax-layers", type=int, nargs="+", default=None, help="keep these layers (0-based) softmax"
+    )
     parser.add_argument("--layer-defaults", action="store_true", help="keep the target's expand_k/expand_v defaults")
     parser.add_argument("--transfer-steps", type=int, default=200, help="attention-transfer steps (stage 1)")
     parser.add_argument("--finetune-steps", type=int, default=300, help="full fine-tune steps (stage 2)")

@@ -342,6 +342,15 @@ def test_script_writes_a_run_directory(mqar_teacher, tmp_path, capsys):
     assert any(k.endswith("attn.gk_proj.0.weight") for k in load_file(out / "model.safetensors"))
 
 
+def test_script_keeps_the_named_layers_softmax(mqar_teacher, tmp_path):
+    script = load_script("linearize")
+    out = tmp_path / "linearized"
+    args = ["--attention=gla", "--keep-softmax-layers=0", "--transfer-steps=1", "--finetune-steps=1", f"--out={out}"]
+    saved = script.main([f"--checkpoint={mqar_teacher}", *args])
+    assert saved["attention"] == ["softmax", "gla"]
+    assert saved["linearize"]["kept"] == ["blocks.0.attn"] and saved["linearize"]["keep_softmax_layers"] == [0]
+
+
 def test_script_on_a_vit_digits_run(tmp_path, data_dir):
     teacher = teacher_run(tmp_path / "teacher", data_dir, ["experiment=vit_digits"])
     out = tmp_path / "linearized"
@@ -360,6 +369,14 @@ def test_script_rejects_bad_input(mqar_teacher, tmp_path):
         script.main([f"--checkpoint={mqar_teacher}", "--attention=glaa", f"--out={tmp_path / 'x'}"])
     with pytest.raises(SystemExit, match="keep_softmax_every must be a positive int"):
         script.main([f"--checkpoint={mqar_teacher}", "--attention=gla", "--keep-softmax-every=0"])
+    with pytest.raises(SystemExit, match=re.escape("--keep-softmax-layers [5] outside the model's 2 attention layers")):
+        script.main([f"--checkpoint={mqar_teacher}", "--attention=gla", "--keep-softmax-layers", "0", "5"])
+    with pytest.raises(SystemExit, match="either --keep-softmax-every or --keep-softmax-layers"):
+        script.main(
+            [f"--checkpoint={mqar_teacher}", "--attention=gla", "--keep-softmax-every=2", "--keep-softmax-layers=0"]
+        )
+    with pytest.raises(SystemExit, match="every one of the 2 layers is kept"):
+        script.main([f"--checkpoint={mqar_teacher}", "--attention=gla", "--keep-softmax-layers", "0", "1"])
     with pytest.raises(SystemExit, match="--finetune-steps >= 1"):
         script.main([f"--checkpoint={mqar_teacher}", "--attention=gla", "--finetune-steps=0"])
     stray = tmp_path / "elsewhere" / "checkpoints" / "best.ckpt"  # a checkpoint outside its run directory
