@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo.layers.registry import Attention, register_attention
+from attnzoo.layers.windows import check_grid
 
 BIAS_TABLE = 7  # side of the an/na tables (official); 1-D tables have BIAS_TABLE**2 entries, the same count
 BIAS_STD = 0.02  # official trunc_normal_ std of every position bias
@@ -129,10 +130,7 @@ class AgentAttention(Attention):
         label = self.name
         if not isinstance(agent_num, int) or agent_num < 1:
             raise ValueError(f"{label}: agent_num must be a positive integer; got {agent_num!r}.")
-        if grid_size is not None:
-            grid_size = tuple(grid_size)
-            if len(grid_size) != 2 or not all(isinstance(s, int) and s > 0 for s in grid_size):
-                raise ValueError(f"{label}: grid_size must be (h, w) with positive integers or None; got {grid_size}.")
+        grid_size = check_grid(label, grid_size)
         if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
             raise ValueError(f"{label}: num_prefix_tokens must be an integer >= 0; got {num_prefix_tokens!r}.")
         self.agent_num = agent_num

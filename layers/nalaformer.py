@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from attnzoo.kernels import linear_attn
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.short_conv import ShortConvolution
+from attnzoo.layers.windows import check_grid
 
 POWER_SCALE, POWER_OFFSET = 3.0, 0.5  # official: power = 3 * (0.5 + tanh(|q|))
 KEY_POWER = 3  # official: k = k ** 3 before the sign split
@@ -197,12 +198,9 @@ class NaLaAttention(Attention):
             raise ValueError(
                 f"{label}: a non-causal lepe_kernel must be odd (centred 'same' padding); got {lepe_kernel}."
             )
-        if grid_size is not None:
-            grid_size = tuple(grid_size)
-            if len(grid_size) != 2 or not all(isinstance(n, int) and n > 0 for n in grid_size):
-                raise ValueError(f"{label}: grid_size must be (h, w) with positive integers or None; got {grid_size}.")
-            if causal:
-                raise ValueError(f"{label}: grid_size is for the non-causal 2-D layout; a causal layer runs in 1-D.")
+        grid_size = check_grid(label, grid_size)
+        if grid_size is not None and causal:
+            raise ValueError(f"{label}: grid_size is for the non-causal 2-D layout; a causal layer runs in 1-D.")
         if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
             raise ValueError(f"{label}: num_prefix_tokens must be an integer >= 0; got {num_prefix_tokens!r}.")
         if causal and num_prefix_tokens:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from attnzoo.kernels import linear_attn
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.short_conv import ShortConvolution
+from attnzoo.layers.windows import check_grid
 
 
 @dataclass
@@ -98,12 +99,9 @@ class SimplifiedLinearAttention(Attention):
         if not isinstance(kernel_size, int) or kernel_size < 1 or (not causal and kernel_size % 2 == 0):
             need = "a positive integer" if causal else "an odd positive integer (centred 'same' padding)"
             raise ValueError(f"{label}: kernel_size must be {need}; got {kernel_size!r}.")
-        if grid_size is not None:
-            grid_size = tuple(grid_size)
-            if len(grid_size) != 2 or not all(isinstance(s, int) and s > 0 for s in grid_size):
-                raise ValueError(f"{label}: grid_size must be (h, w) with positive integers or None; got {grid_size}.")
-            if causal:
-                raise ValueError(f"{label}: grid_size is for the non-causal 2-D layout; a causal layer runs in 1-D.")
+        grid_size = check_grid(label, grid_size)
+        if grid_size is not None and causal:
+            raise ValueError(f"{label}: grid_size is for the non-causal 2-D layout; a causal layer runs in 1-D.")
         if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
             raise ValueError(f"{label}: num_prefix_tokens must be an integer >= 0; got {num_prefix_tokens!r}.")
         if causal and num_prefix_tokens:
