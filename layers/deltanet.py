@@ -97,7 +97,7 @@ class DeltaRuleAttention(Attention):
         use_gate: bool,
         norm_eps: float,
         allow_neg_eigval: bool,
-        chunk_size: int,
+        chunk_size: int | None,
         backend: str,
     ) -> None:
         """q/k/v/b projections, short convolutions, output gate, norm and projection, with FLA's names and order."""
@@ -248,7 +248,7 @@ class DeltaNet(DeltaRuleAttention):
         allow_neg_eigval: bool = False,
         qk_activation: str = "silu",
         norm_eps: float = 1e-5,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         backend: str = "auto",
     ) -> None:
         """
@@ -268,7 +268,8 @@ class DeltaNet(DeltaRuleAttention):
             qk_activation: feature map of q and k before the L2 norm: ``silu``, ``relu``, ``elu`` (elu + 1) or
                 ``identity``.
             norm_eps: epsilon of the per-head output RMSNorm.
-            chunk_size: chunk length of the delta-rule kernel (results do not depend on it).
+            chunk_size: chunk length of the delta-rule kernel (results do not depend on it); None = the
+                backend's own (32 on the CPU torch path, 64 on triton: FLA's).
             backend: kernel backend, ``auto``/``reference``/``torch``/``triton``.
         """
         super().__init__(dim, num_heads, causal=causal, cross=cross)

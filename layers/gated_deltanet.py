@@ -69,7 +69,7 @@ class GatedDeltaNet(DeltaRuleAttention):
         conv_size: int = 4,
         conv_bias: bool = False,
         norm_eps: float = 1e-5,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         backend: str = "auto",
     ) -> None:
         """
@@ -86,7 +86,8 @@ class GatedDeltaNet(DeltaRuleAttention):
             conv_size: the convolutions' window.
             conv_bias: their bias.
             norm_eps: epsilon of the per-head output RMSNorm.
-            chunk_size: chunk length of the delta-rule kernel (results do not depend on it).
+            chunk_size: chunk length of the delta-rule kernel (results do not depend on it); None = the
+                backend's own (32 on the CPU torch path, 64 on triton: FLA's).
             backend: kernel backend, ``auto``/``reference``/``torch``/``triton``.
         """
         super().__init__(dim, num_heads, causal=causal, cross=cross)

@@ -119,6 +119,30 @@ def test_chunk_size_invariance(gated):
             assert_close(f"{name} (chunk {chunk})", ref[name], got[name], 1e-12)
 
 
+def test_default_chunk_is_the_backends_own():
+    """chunk_size=None runs the torch backend at its measured-fastest chunk, 32, bit for bit."""
+    inputs = make_inputs(1, 100, 2, 8, 8, gated=True)
+    default = run_with_grads("torch", *inputs, chunk_size=None)
+    explicit = run_with_grads("torch", *inputs, chunk_size=32)
+    assert all(torch.equal(default[name], explicit[name]) for name in NAMES)
+
+
+@pytest.mark.parametrize("size", [1, 2, 8, 16, 32, 64, 128, 256])
+def test_unit_lower_inverse_by_blocks(size):
+    """The UT transform's recursive 2 x 2 block inverse equals a triangular solve, and never reads the upper
+    triangle (filled with garbage here); entries of L in [-1, 1] as with L2-normalised keys and beta in (0, 1)."""
+    from attnzoo.kernels.delta_rule.chunked import _unit_lower_inverse
+
+    gen = torch.Generator().manual_seed(size)
+    A = torch.rand(3, size, size, generator=gen, dtype=torch.float64) * 2 - 1
+    lower = A.tril(-1) + torch.eye(size, dtype=torch.float64)
+    garbage = lower + torch.randn(3, size, size, generator=gen, dtype=torch.float64).triu(1) * 1e3
+    got = _unit_lower_inverse(garbage)
+    want = torch.linalg.solve_triangular(lower, torch.eye(size, dtype=torch.float64).expand_as(lower), upper=False)
+    assert torch.equal(got.triu(1), torch.zeros_like(got.triu(1)))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @GATED
 def test_initial_state_continues_the_sequence(gated, backend):

@@ -12,9 +12,12 @@ solution of one unit lower-triangular system:
     o     = (Q ⊙ gamma) S_n + ((Q K^T) ⊙ D) u
     S_n+1 = gamma_last S_n + (K ⊙ delta)^T u,    delta_j = exp(b_last - b_j)
 
-Everything but the state carry is a batched matmul over all chunks at once. The carry is linear in S_n:
-S_n+1 = F_n S_n + E_n with F_n = gamma_last I - (K ⊙ delta)^T W (K x K) and E_n = (K ⊙ delta)^T U (K x V), both
-batched, so the loop over chunks (never over time) is one fused multiply-add per chunk.
+Everything but the state carry is a batched matmul over all chunks at once; the carry is a loop over chunks (never
+over time) of two fused multiply-adds each, u_n = U_n - W_n S_n and S_n+1 = gamma_last S_n + (K ⊙ delta)^T u_n, on
+(B H) small matrices. (Folding the carry into one matmul per chunk, S_n+1 = F_n S_n + E_n with
+F_n = gamma_last I - (K ⊙ delta)^T W, costs three extra batched matmuls; on the CPU that is slower than the loop.)
+The UT transform's inverse is formed by recursive 2 x 2 blocking (:func:`_unit_lower_inverse`), about twice as fast
+on the CPU as one batched triangular solve of the full chunk.
 
 The decays are only ever formed as differences b_i - b_j with j <= i (never exp(b_i) exp(-b_j)), so no gate,
 however negative, overflows; with L2-normalised keys and beta in (0, 1) the entries of L lie in [-1, 1].
@@ -60,6 +63,26 @@ def _decays(b: Tensor | None, C: int, like: Tensor) -> tuple[Tensor | None, Tens
     return D, b.exp(), (b[..., -1:] - b).exp()
 
 
+def _unit_lower_inverse(A: Tensor, base: int = 16) -> Tensor:
+    """The inverse of a batch of unit lower-triangular matrices A (..., C, C), C a power of two.
+
+    With A = [[A11, 0], [A21, A22]], A^{-1} = [[A11^{-1}, 0], [-A22^{-1} A21 A11^{-1}, A22^{-1}]]: both diagonal
+    blocks are inverted together (one level down), down to ``base`` x ``base`` blocks, which one batched triangular
+    solve inverts. The strictly upper triangle of A is never read.
+    """
+    size = A.shape[-1]
+    if size <= base:
+        eye = torch.eye(size, dtype=A.dtype, device=A.device)
+        return torch.linalg.solve_triangular(A, eye.expand_as(A), upper=False, unitriangular=True)
+    h = size // 2
+    top, bottom = _unit_lower_inverse(torch.stack((A[..., :h, :h], A[..., h:, h:])), base).unbind(0)
+    out = A.new_zeros(A.shape)
+    out[..., :h, :h] = top
+    out[..., h:, h:] = bottom
+    out[..., h:, :h] = (bottom @ A[..., h:, :h] @ top).neg_()
+    return out
+
+
 def _decayed(x: Tensor, D: Tensor | None) -> Tensor:
     """x ⊙ D in place (x is a fresh (..., C, C) product): a ``tril`` without a gate, where D is the causal mask."""
     return x.tril_() if D is None else x.mul_(D)
@@ -77,7 +100,6 @@ class _Parts(NamedTuple):
     U: Tensor  # (B, H, N, C, V) T diag(beta) V
     W: Tensor  # (B, H, N, C, K) T diag(beta ⊙ gamma) K
     k_end: Tensor  # (B, H, N, C, K) K ⊙ delta: each key as seen at the chunk end
-    carry_in: Tensor  # (B, H, N, K, K) F_n = gamma_last I - k_end^T W
 
 
 def _parts(k: Tensor, v: Tensor, beta: Tensor, b: Tensor | None) -> _Parts:
@@ -86,55 +108,68 @@ def _parts(k: Tensor, v: Tensor, beta: Tensor, b: Tensor | None) -> _Parts:
     KK = k @ k.transpose(-1, -2)
     eye = torch.eye(C, dtype=k.dtype, device=k.device)
     L = _decayed(KK * beta[..., None], D).tril_(-1)
-    # (I + L)^{-1} by one batched triangular solve (unit diagonal: L is never read there)
-    Tm = torch.linalg.solve_triangular(L.add_(eye), eye.expand_as(L), upper=False, unitriangular=True)
+    Tm = _unit_lower_inverse(L.add_(eye))  # (I + L)^{-1}
     U = Tm @ (v * beta[..., None])
     k_beta = k * (beta if gamma is None else beta * gamma)[..., None]
     W = Tm @ k_beta
     k_end = k if delta is None else k * delta[..., None]
-    carry_in = k_end.transpose(-1, -2) @ W
-    carry_in.neg_().diagonal(dim1=-2, dim2=-1).add_(1.0 if gamma is None else gamma[..., -1:])
-    return _Parts(D, gamma, delta, KK, Tm, U, W, k_end, carry_in)
+    return _Parts(D, gamma, delta, KK, Tm, U, W, k_end)
 
 
-def _scan(carry: Tensor, add: Tensor, first: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
-    """x_{n+1} = carry_n x_n + add_n over the chunk axis (reverse: x_n = carry_n x_{n+1} + add_n, the transposed
-    carry given), one fused batched multiply-add per chunk -> (x at every chunk's start (B, H, N, K, V), the last)."""
-    N = carry.shape[2]
-    xs = add.new_empty(add.shape)
-    x = first
-    for i in range(N):
-        n = N - 1 - i if reverse else i
-        xs[:, :, n] = x
-        x = torch.baddbmm(add[:, :, n].flatten(0, 1), carry[:, :, n].flatten(0, 1), x.flatten(0, 1)).view(x.shape)
-    return xs, x
+def _rows(x: Tensor) -> Tensor:
+    """(B, H, N, ...) -> (B*H, N, ...), a view of a contiguous chunked tensor."""
+    return x.view(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _gamma_last(p: _Parts) -> Tensor | None:
+    """(B*H, N, 1, 1) decay over each whole chunk, or None without a gate."""
+    return None if p.gamma is None else _rows(p.gamma[..., -1].contiguous())[..., None, None]
 
 
 class StatePasses:
     """The two sequential passes over chunks, the only part that is not one batched matmul over all chunks: the
-    torch form below (a loop of one fused multiply-add per chunk), or Triton kernels that keep the state on chip."""
+    torch form below (a loop of two fused multiply-adds per chunk on (B H) K x V states), or Triton kernels that
+    keep the state on chip."""
 
     @staticmethod
     def forward(p: _Parts, initial: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(S_n at every chunk start (B, H, N, K, V), u = U - W S_n (B, H, N, C, V), the final state)."""
-        S, final = _scan(p.carry_in, p.k_end.transpose(-1, -2) @ p.U, initial)
-        return S, p.U - p.W @ S, final
+        B, H, N, C, V = p.U.shape
+        K = p.W.shape[-1]
+        U, W, k_end_t, g_last = _rows(p.U), _rows(p.W), _rows(p.k_end).transpose(-1, -2), _gamma_last(p)
+        S, u = U.new_empty(B * H, N, K, V), torch.empty_like(U)
+        h = initial.reshape(B * H, K, V)
+        for n in range(N):
+            S[:, n] = h
+            u_n = torch.baddbmm(U[:, n], W[:, n], h, alpha=-1.0)
+            u[:, n] = u_n
+            h = torch.baddbmm(h if g_last is None else h * g_last[:, n], k_end_t[:, n], u_n)
+        return S.view(B, H, N, K, V), u.view(B, H, N, C, V), h.view(B, H, K, V)
 
     @staticmethod
     def backward(p: _Parts, qdo: Tensor, Pdo: Tensor, dfinal: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The reverse pass. With a_n the gradient reaching S_{n+1} (a_{N-1} = dfinal), qdo = (Q ⊙ gamma)^T dO and
         Pdo = ((Q K^T) ⊙ D)^T dO per chunk: du_n = Pdo_n + k_end a_n and a_{n-1} = gamma_last a_n + qdo_n - W^T du_n.
         Returns (a_n for every chunk, du, the gradient of the initial state)."""
-        # a_{n-1} = F_n^T a_n + (qdo_n - W^T Pdo_n): the same recurrence with the carry transposed
-        after, dinitial = _scan(p.carry_in.transpose(-1, -2), qdo - p.W.transpose(-1, -2) @ Pdo, dfinal, reverse=True)
-        return after, Pdo + p.k_end @ after, dinitial
+        B, H, N, C, V = Pdo.shape
+        K = p.W.shape[-1]
+        Pdo_rows, qdo_rows, g_last = _rows(Pdo), _rows(qdo), _gamma_last(p)
+        W_t, k_end = _rows(p.W).transpose(-1, -2), _rows(p.k_end)
+        after, du = qdo_rows.new_empty(B * H, N, K, V), torch.empty_like(Pdo_rows)
+        a = dfinal.reshape(B * H, K, V)
+        for n in reversed(range(N)):
+            after[:, n] = a
+            du_n = torch.baddbmm(Pdo_rows[:, n], k_end[:, n], a)
+            du[:, n] = du_n
+            a = torch.baddbmm((a if g_last is None else a * g_last[:, n]) + qdo_rows[:, n], W_t[:, n], du_n, alpha=-1.0)
+        return after.view(B, H, N, K, V), du.view(B, H, N, C, V), a.view(B, H, K, V)
 
 
 class _ChunkedDeltaRule(torch.autograd.Function):
     """Saves the chunked inputs, the chunk-start states and every per-chunk product of the forward that costs a
-    matmul (T, K K^T, U, W, u and the carries F_n): memory O(T (K + V + C) + (T / C) K^2 + (T / C) K V), the same
-    order as the inputs, and the backward recomputes only elementwise decays. (FLA keeps T and recomputes U, W and u
-    on the GPU, where memory is the scarce resource; on the CPU the five extra matmuls cost ~15% of fwd+bwd.)"""
+    matmul (T, K K^T, (Q K^T) ⊙ D, U, W, u): memory O(T (K + V + C) + (T / C) K V), the same order as the inputs,
+    and the backward recomputes only elementwise decays. (FLA keeps T and recomputes U, W and u on the GPU, where
+    memory is the scarce resource; on the CPU the extra matmuls cost ~15% of fwd+bwd.)"""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, scale: float, C: int, initial_state, passes: StatePasses):
@@ -145,28 +180,27 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         initial = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state
         S, u, final = passes.forward(p, initial)
         q_start = q if p.gamma is None else q * p.gamma[..., None]
-        o = torch.baddbmm(
-            (q_start @ S).flatten(0, 2), _decayed(q @ k.transpose(-1, -2), p.D).flatten(0, 2), u.flatten(0, 2)
-        ).view(u.shape)
-        ctx.save_for_backward(q, k, v, beta, b, S, u, p.KK, p.Tm, p.U, p.W, p.carry_in)
+        P = _decayed(q @ k.transpose(-1, -2), p.D)  # (Q K^T) ⊙ D, causal within the chunk
+        o = torch.baddbmm((q_start @ S).flatten(0, 2), P.flatten(0, 2), u.flatten(0, 2)).view(u.shape)
+        ctx.save_for_backward(q, k, v, beta, b, S, u, P, p.KK, p.Tm, p.U, p.W)
         ctx.scale, ctx.T, ctx.has_initial_state, ctx.passes = scale, T, initial_state is not None, passes
         return _from_chunks(o, T), final
 
     @staticmethod
     def backward(ctx, do: Tensor, dfinal: Tensor):
-        q, k, v, beta, b, S, u, KK, Tm, U, W, carry_in = ctx.saved_tensors
+        q, k, v, beta, b, S, u, P, KK, Tm, U, W = ctx.saved_tensors
         T, C = ctx.T, q.shape[-2]
         do = _to_chunks(do, C)
         D, gamma, delta = _decays(b, C, k)
         k_end = k if delta is None else k * delta[..., None]
-        p = _Parts(D, gamma, delta, KK, Tm, U, W, k_end, carry_in)
+        p = _Parts(D, gamma, delta, KK, Tm, U, W, k_end)
         gated = p.gamma is not None
-        QK = q @ k.transpose(-1, -2)
-        P = _decayed(QK.clone() if gated else QK, p.D)  # QK itself is needed for the gate's gradient
+        need_dg = gated and ctx.needs_input_grad[4]
         q_start = q if not gated else q * p.gamma[..., None]
         Pdo = P.transpose(-1, -2) @ do  # (B, H, N, C, V): the part of du from the outputs
         after, du, dinitial = ctx.passes.backward(p, q_start.transpose(-1, -2) @ do, Pdo, dfinal)
         dP = do @ u.transpose(-1, -2)
+        dD_D = dP * P if need_dg else None  # dD_ij D_ij from the outputs: dP ⊙ (Q K^T) ⊙ D
         dQK = _decayed(dP, p.D)
         X = do @ S.transpose(-1, -2)  # (B, H, N, C, K) gradient of q_start
         dq = dQK @ k + (X if not gated else X * p.gamma[..., None])
@@ -185,13 +219,14 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         dk += dkb * (beta * gamma)[..., None]
         dLD = dL if not gated else dL * p.D  # gradient of (K K^T ⊙ D) rows scaled by beta, strictly lower
         dKK = dLD * beta[..., None]
-        dk += (dKK + dKK.transpose(-1, -2)) @ k
+        dk = torch.baddbmm(dk.flatten(0, 2), dKK.flatten(0, 2), k.flatten(0, 2))
+        dk = torch.baddbmm(dk, dKK.flatten(0, 2).transpose(-1, -2), k.flatten(0, 2)).view(k.shape)
         dbeta = (dvb * v).sum(-1) + kb_rows * gamma + (dLD * p.KK).sum(-1)
         dg = None
-        if gated and ctx.needs_input_grad[4]:
+        if need_dg:
             # b-dependent terms only: D's diagonal and delta_last are exactly 1, and their opposite contributions to
             # the same db_i cancel, so they are left out (which keeps dg accurate when exp(g) is tiny)
-            E = (dQK * QK).add_(dL * p.KK * beta[..., None] * p.D).tril_(-1)  # dD_ij D_ij for j < i
+            E = dD_D.add_(dL * p.KK * beta[..., None] * p.D).tril_(-1)  # dD_ij D_ij for j < i
             db = E.sum(-1) - E.sum(-2)
             db += p.gamma * ((q * X).sum(-1) + beta * kb_rows)
             through_end = p.delta * (k * dk_end).sum(-1)  # delta_j d delta_j
