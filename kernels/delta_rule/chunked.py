@@ -83,6 +83,11 @@ def _unit_lower_inverse(A: Tensor, base: int = 16) -> Tensor:
     return out
 
 
+def _baddbmm(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """x + a @ b over (B, H, N) batches of matrices in one fused call."""
+    return torch.baddbmm(x.flatten(0, 2), a.flatten(0, 2), b.flatten(0, 2)).view(x.shape)
+
+
 def _decayed(x: Tensor, D: Tensor | None) -> Tensor:
     """x ⊙ D in place (x is a fresh (..., C, C) product): a ``tril`` without a gate, where D is the causal mask."""
     return x.tril_() if D is None else x.mul_(D)
@@ -181,7 +186,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         S, u, final = passes.forward(p, initial)
         q_start = q if p.gamma is None else q * p.gamma[..., None]
         P = _decayed(q @ k.transpose(-1, -2), p.D)  # (Q K^T) ⊙ D, causal within the chunk
-        o = torch.baddbmm((q_start @ S).flatten(0, 2), P.flatten(0, 2), u.flatten(0, 2)).view(u.shape)
+        o = _baddbmm(q_start @ S, P, u)
         ctx.save_for_backward(q, k, v, beta, b, S, u, P, p.KK, p.Tm, p.U, p.W)
         ctx.scale, ctx.T, ctx.has_initial_state, ctx.passes = scale, T, initial_state is not None, passes
         return _from_chunks(o, T), final
@@ -203,24 +208,23 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         dD_D = dP * P if need_dg else None  # dD_ij D_ij from the outputs: dP ⊙ (Q K^T) ⊙ D
         dQK = _decayed(dP, p.D)
         X = do @ S.transpose(-1, -2)  # (B, H, N, C, K) gradient of q_start
-        dq = dQK @ k + (X if not gated else X * p.gamma[..., None])
+        dq = _baddbmm(X if not gated else X * p.gamma[..., None], dQK, k)
         dk_end = u @ after.transpose(-1, -2)  # (B, H, N, C, K)
-        dk = dQK.transpose(-1, -2) @ q + (dk_end if not gated else dk_end * p.delta[..., None])
+        dk = _baddbmm(dk_end if not gated else dk_end * p.delta[..., None], dQK.transpose(-1, -2), q)
         # u = U - W S, U = T diag(beta) V, W = T diag(beta gamma) K, T = (I + L)^{-1}:
         # d(beta V) = T^T du, d(beta gamma K) = -T^T du S^T = -d(beta V) S^T, and
         # dL = -strictly_lower(d(beta V) U^T + d(beta gamma K) W^T) = -strictly_lower(d(beta V) (U - W S)^T), i.e.
         # d(beta V) u^T: one matmul instead of three
         dvb = p.Tm.transpose(-1, -2) @ du
-        dkb = -(dvb @ S.transpose(-1, -2))
+        minus_dkb = dvb @ S.transpose(-1, -2)  # d(beta gamma K) = -minus_dkb; the sign folds into its two uses
         dL = (dvb @ u.transpose(-1, -2)).neg_().tril_(-1)
         dv = dvb * beta[..., None]
-        kb_rows = (dkb * k).sum(-1)  # (B, H, N, C)
+        kb_rows = (minus_dkb * k).sum(-1).neg_()  # (B, H, N, C)
         gamma = p.gamma if gated else 1.0
-        dk += dkb * (beta * gamma)[..., None]
+        dk.addcmul_(minus_dkb, (beta * gamma)[..., None], value=-1.0)
         dLD = dL if not gated else dL * p.D  # gradient of (K K^T ⊙ D) rows scaled by beta, strictly lower
         dKK = dLD * beta[..., None]
-        dk = torch.baddbmm(dk.flatten(0, 2), dKK.flatten(0, 2), k.flatten(0, 2))
-        dk = torch.baddbmm(dk, dKK.flatten(0, 2).transpose(-1, -2), k.flatten(0, 2)).view(k.shape)
+        dk = _baddbmm(_baddbmm(dk, dKK, k), dKK.transpose(-1, -2), k)
         dbeta = (dvb * v).sum(-1) + kb_rows * gamma + (dLD * p.KK).sum(-1)
         dg = None
         if need_dg:
