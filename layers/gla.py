@@ -15,6 +15,20 @@ loads with one rename (FLA's fused ``g_norm_swish_gate.weight`` is our ``g_norm.
 ``GLAPreTrainedModel._init_weights``: Linear and Conv1d weights N(0, 0.02), biases zero (FLA's newer configs use
 std 0.006; the paper-era 0.02 is kept). The scan is ``attnzoo.kernels.gla``.
 
+Two options for linearizing a softmax teacher (``attnzoo.models.linearize``; off by default, FLA's layer has
+neither):
+
+- ``feature_map="hedgehog"``: q and k pass through a learned per-head map before the scan (Hedgehog, Zhang et al.
+  2024, https://arxiv.org/abs/2402.04347, the map LoLCATs distils): phi(x) = [softmax_K(W x) ; softmax_K(-W x)],
+  W (K x K) per head initialised to the identity, separate maps for q and k (``layers/hedgehog.py``'s
+  ``HedgehogFeatureMap``). The state then has 2K key features per head, each half decaying with its channel's gate
+  (log_decay repeated over [+ ; -]), and the scale becomes (2K)^-1/2. Linear attention on the raw copied q, k weighs
+  keys by a signed dot product; the map makes phi(q) . phi(k) positive and, once trained, peaked like exp(q . k),
+  which is what the teacher's lookup needs.
+- ``gate_bias_init=b``: the forget gate's bias (``gk_proj.1.bias``) starts at b instead of FLA's 0, so the initial
+  per-step decay is sigmoid(b)^(1/tau): 0.958 at b = 0 (0.063 left after 64 steps), 0.9989 at b = 4 (0.93 left),
+  i.e. the layer starts as plain linear attention, holding what the teacher's softmax could look back to.
+
 Patterns: ``causal_self`` (constant-size cache: the (B, H, K, V) state plus the convolution inputs) and
 ``noncausal_self`` as a bidirectional layer: the forward scan plus a scan over the reversed sequence, summed before the
 norm, with every projection shared (layers/bidirectional.py has the exact equation). A padded position neither writes
@@ -33,6 +47,7 @@ from torch import Tensor, nn
 from attnzoo.errors import unknown
 from attnzoo.kernels import gla
 from attnzoo.layers.bidirectional import scan_both_ways
+from attnzoo.layers.hedgehog import HedgehogFeatureMap
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.short_conv import ShortConvolution
 
@@ -43,6 +58,7 @@ GATE_FNS = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid, "gelu": F
 # e.g. a GLA gate logit below -1400 or a Mamba-2 dt * A below -88).
 MIN_LOG_DECAY = -60.0
 NORMS = {"rmsnorm": nn.RMSNorm, "layernorm": nn.LayerNorm}
+FEATURE_MAPS = ("hedgehog",)  # or None: q and k as projected
 
 
 def float32_at_least(t: Tensor) -> Tensor:
@@ -93,7 +109,8 @@ class GLACache:
 
     Attributes:
         batch_size: B, fixed at creation.
-        state: (B, H, K, V) recurrent state, float32 (float64 for a float64 layer); None before the first call.
+        state: (B, H, K, V) recurrent state (2K key features with the hedgehog map), float32 (float64 for a float64
+            layer); None before the first call.
         conv_states: the q, k, v convolution inputs (B, C, conv_size - 1) each, or None (no short conv / no call yet).
         length: positions consumed so far.
     """
@@ -139,6 +156,8 @@ class GatedLinearAttention(Attention):
         clamp_min: float | None = None,
         chunk_size: int = 64,
         backend: str = "auto",
+        feature_map: str | None = None,
+        gate_bias_init: float = 0.0,
     ) -> None:
         """
         Args:
@@ -162,6 +181,9 @@ class GatedLinearAttention(Attention):
             clamp_min: lower bound on log_decay (None = none), e.g. -5 to keep some memory.
             chunk_size: chunk length of the scan kernel (results do not depend on it).
             backend: kernel backend, ``auto``/``reference``/``torch``/``triton``.
+            feature_map: None (FLA: q, k enter the scan as projected) or ``hedgehog`` (a learned per-head
+                [softmax(W x); softmax(-W x)] on q and k, W = identity at init; 2K key features per head).
+            gate_bias_init: initial bias of the forget-gate logits (FLA: 0); e.g. 4 starts the decay at 0.9989.
         """
         super().__init__(dim, num_heads, causal=causal, cross=cross)
         label = self.name
@@ -180,6 +202,10 @@ class GatedLinearAttention(Attention):
             raise ValueError(f"{label}: " + unknown("norm_type", norm_type, NORMS))
         if gate_logit_normalizer <= 0:
             raise ValueError(f"{label}: gate_logit_normalizer must be > 0; got {gate_logit_normalizer!r}.")
+        if feature_map is not None and feature_map not in FEATURE_MAPS:
+            raise ValueError(f"{label}: " + unknown("feature_map", feature_map, FEATURE_MAPS) + " (or None: no map)")
+        if not isinstance(gate_bias_init, (int, float)) or isinstance(gate_bias_init, bool):
+            raise ValueError(f"{label}: gate_bias_init must be a number (a gate logit); got {gate_bias_init!r}.")
         if clamp_min is not None and clamp_min >= 0:
             raise ValueError(f"{label}: clamp_min bounds a log-decay (<= 0) from below; use a negative value or None.")
         self.kv_groups = num_heads // self.num_kv_heads
@@ -207,6 +233,15 @@ class GatedLinearAttention(Attention):
         self.gate_fn = GATE_FNS[gate_fn] if use_output_gate else None
         self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
         init_fla_(self)
+        with torch.no_grad():
+            self.gk_proj[1].bias.fill_(float(gate_bias_init))
+        self.feature_map = feature_map
+        self.feature_map_q = self.feature_map_k = None
+        if feature_map == "hedgehog":  # identity-initialised maps: a copied teacher's q/k keep their directions
+            self.feature_map_q = HedgehogFeatureMap(num_heads, self.head_k_dim, self.head_k_dim)
+            self.feature_map_k = HedgehogFeatureMap(self.num_kv_heads, self.head_k_dim, self.head_k_dim)
+        # key features per head that the state holds (and the kernel's scale uses): K, or 2K after the map
+        self.head_feature_dim = self.head_k_dim * (1 if feature_map is None else 2)
 
     def log_decay(self, x: Tensor) -> Tensor:
         """(B, T, D) -> (B, T, H_kv, K) log forget gate in float32: logsigmoid(gk_proj(x)) / tau, clamped at clamp_min
@@ -223,6 +258,8 @@ class GatedLinearAttention(Attention):
         q = q.view(B, T, self.num_heads, self.head_k_dim)  # (B, T, H, K)
         k = k.view(B, T, self.num_kv_heads, self.head_k_dim)  # (B, T, H_kv, K)
         v = v.view(B, T, self.num_kv_heads, self.head_v_dim)  # (B, T, H_kv, V)
+        if self.feature_map_q is not None:  # (B, T, H, 2K); before the padding mask: a map of 0 is not 0
+            q, k = self.feature_map_q(q).to(q.dtype), self.feature_map_k(k).to(k.dtype)
         if keep is not None:  # padded keys: no write (and the gate below: no decay)
             k, v = k * keep, v * keep
         return q, repeat_kv_heads(k, self.kv_groups), repeat_kv_heads(v, self.kv_groups)
@@ -246,7 +283,9 @@ class GatedLinearAttention(Attention):
         log_decay = self.log_decay(x)  # (B, T, H_kv, K)
         if keep is not None:
             log_decay = log_decay * keep.to(log_decay.dtype)
-        log_decay = repeat_kv_heads(log_decay, self.kv_groups)  # (B, T, H, K)
+        if self.feature_map_q is not None:  # both halves of a channel's features decay with its gate
+            log_decay = torch.cat([log_decay, log_decay], dim=-1)  # (B, T, H_kv, 2K)
+        log_decay = repeat_kv_heads(log_decay, self.kv_groups)  # (B, T, H, K or 2K)
 
         backward = None
         if self.use_short_conv:
@@ -287,7 +326,7 @@ class GatedLinearAttention(Attention):
         return GLACache(batch_size)
 
     def state_size(self, seq_len: int) -> int:
-        size = self.num_heads * self.head_k_dim * self.head_v_dim
+        size = self.num_heads * self.head_feature_dim * self.head_v_dim
         if self.use_short_conv:
             width = self.q_conv1d.state_width
             size += width * (self.q_conv1d.in_channels + self.k_conv1d.in_channels + self.v_conv1d.in_channels)
