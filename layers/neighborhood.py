@@ -33,16 +33,26 @@ Defaults and where they come from:
   dilation group along that axis (outputs never depend on padding). The functional op
   :func:`neighborhood_attention` raises instead unless ``pad_to_kernel=True`` (NATTEN's functional ``na1d``/``na2d``
   raise too).
-* ``padding_mask`` masks keys and the windows stay where NATTEN's edge rule puts them for the full length T: a
-  right-padded sequence's last real tokens see fewer real neighbours than the same sequence alone (padded values
-  never leak in, but outputs depend on the padded length, as for agent attention's bins).
+* ``padding_mask`` (a key padding mask; NATTEN has none: its ops take equal-length sequences, so the reference for
+  a padded sequence is the same sequence run alone). 1-D non-causal: when a sequence's real tokens form one contiguous
+  span, start s_b and length L_b (right, left or both-sided padding), its windows follow the edge rule of that span,
+  not of the padded length T: query i = s_b + p sees the keys s_b + N_{L_b}(p), where N_L is the rule above on an
+  axis of L positions (dilation groups by p mod d; a span shorter than kernel_size * dilation sees its whole groups,
+  as ``pad_to_kernel``). A padded sequence therefore gives the outputs it gives alone (the Encoder's padded batches).
+  A mask with holes (real tokens not contiguous) keeps the rule of the padded length T, masking the holes as keys
+  (there is no single "sequence alone" to match), and so do the padded queries themselves (their outputs are
+  unused). Causal 1-D needs nothing: a causal window never looks right and its groups are lags of d, both
+  translation invariant, so left padding only masks keys the sequence alone does not have. The 2-D grid keeps the
+  rule of the full grid (a ViT's patch grid is never padded).
 * Prefix tokens (``num_prefix_tokens``, the ViT's class/register tokens) sit outside the grid, as in ``swin``: they
   attend globally to every token, and every grid token sees them besides its neighbourhood (no bias on those pairs).
 
 Lowering: the neighbourhood is written once, as a FlexAttention-style ``mask_mod`` (:func:`neighborhood_mask_mod`),
-with the key blocks of each query block given analytically (the band |i - j| <= (k - 1) d rows, widened by the shift
-at the borders). :func:`attnzoo.kernels.sparse_attention.sparse_attention` lowers it to gathered-tile SDPA on the CPU
-and to FlexAttention on CUDA, so cost grows with T x window, never T x T. Causal 1-D on the CPU takes a blocked path:
+with the key blocks of each query block given analytically (the band |i - j| <= (k - 1) d rows: the border shift
+moves a window inside it, never past it, also at the borders of a padded sequence's span, so the per-sequence
+windows need no wider band; the mask_mod reads the spans as two (B,) tensors).
+:func:`attnzoo.kernels.sparse_attention.sparse_attention` lowers it to gathered-tile SDPA on the CPU and to
+FlexAttention on CUDA, so cost grows with T x window, never T x T. Causal 1-D on the CPU takes a blocked path:
 query blocks of b = 64 attend to their own and the ceil((k - 1) d / b) previous key blocks in one batched SDPA over
 time-major tensors, where every block's keys are a strided window (no copy), under a cached mask evaluated from the
 same mask_mod (fwd+bwd 6.2-7.9x SDPA causal at T = 8192, window 256, 2 CPU threads; the generic lowering 2.7-5.2x).
@@ -84,8 +94,11 @@ def check_kernel(label: str, kernel_size: Any, dilation: Any, causal: bool) -> N
         raise ValueError(f"{label}: dilation must be an integer >= 1; got {dilation!r}.")
 
 
-def _axis_neighbours(q: Tensor, kv: Tensor, length: int, kernel_size: int, dilation: int, causal: bool) -> Tensor:
-    """True where coordinate ``kv`` is in the neighbourhood of ``q`` along one axis of ``length`` positions."""
+def _axis_neighbours(
+    q: Tensor, kv: Tensor, length: int | Tensor, kernel_size: int, dilation: int, causal: bool
+) -> Tensor:
+    """True where coordinate ``kv`` is in the neighbourhood of ``q`` along one axis of ``length`` positions
+    (an int, or a tensor broadcasting with q: per-sequence span lengths)."""
     d, k = dilation, kernel_size
     same_group = (q % d) == (kv % d)
     gq, gk = torch.div(q, d, rounding_mode="floor"), torch.div(kv, d, rounding_mode="floor")  # index in the group
@@ -105,6 +118,21 @@ def _coords(idx: Tensor, grid: tuple[int, int] | None) -> list[Tensor]:
     return [torch.div(idx, grid[1], rounding_mode="floor"), idx % grid[1]]
 
 
+def sequence_spans(key_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each sequence's real span: (start, length), two (B,) long tensors, from a (B, L) key mask (True = real).
+
+    A row whose real positions are one contiguous run s .. s + n - 1 gives (s, n); a row with holes, or with no real
+    position, gives (0, L): the padded length's rule (see the module docstring). Tensor ops only (no host sync), so
+    it runs under torch.compile and costs O(B L)."""
+    L = key_mask.shape[-1]
+    pos = torch.arange(L, device=key_mask.device)
+    count = key_mask.sum(-1)
+    first = torch.where(key_mask, pos, L).amin(-1)
+    last = torch.where(key_mask, pos, -1).amax(-1)
+    contiguous = (count > 0) & (last - first + 1 == count)
+    return torch.where(contiguous, first, 0), torch.where(contiguous, count, L)
+
+
 def neighborhood_mask_mod(
     grid: tuple[int, int] | None,
     length: int,
@@ -112,15 +140,42 @@ def neighborhood_mask_mod(
     dilation: int,
     causal: bool,
     num_prefix_tokens: int = 0,
+    spans: tuple[Tensor, Tensor] | None = None,
 ) -> MaskMod:
     """The neighbourhood as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` on broadcasting index tensors.
 
     Queries are the ``length`` grid tokens (q_idx in [0, length)), keys are all tokens, prefix first: key ``kv_idx``
     is prefix token ``kv_idx`` if ``kv_idx < num_prefix_tokens``, else grid token ``kv_idx - num_prefix_tokens``.
     ``grid`` (h, w) with h * w == length, or None for a 1-D sequence.
+
+    ``spans`` (1-D non-causal only): per-sequence (start, length) of the real tokens, two (B,) tensors
+    (:func:`sequence_spans`); a query inside its sequence's span gets the windows of that span (the edge rule on an
+    axis of span length, shifted by the start), any other query those of the full length. ``b`` must then be a
+    batch index tensor.
     """
     P = num_prefix_tokens
     axis_lengths = [length] if grid is None else list(grid)
+    if spans is not None:
+        if grid is not None or causal:
+            raise ValueError(
+                "neighborhood_mask_mod: per-sequence spans are for 1-D non-causal neighbourhoods; got "
+                f"grid={grid!r}, causal={causal}."
+            )
+        starts, span_lengths = spans
+
+        def span_mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            kv = kv_idx - P
+            start, span = starts[b], span_lengths[b]
+            inside = (q_idx >= start) & (q_idx < start + span)
+            start = torch.where(inside, start, 0)  # padded queries: the full length's windows (inside the band)
+            span = torch.where(inside, span, length)
+            q_local, kv_local = q_idx - start, kv - start
+            visible = _axis_neighbours(q_local, kv_local, span, kernel_size, dilation, False)
+            # a span shorter than k * d sees its whole groups: keep the window from reaching past the span
+            visible = visible & (kv_local >= 0) & (kv_local < span)
+            return visible | (kv_idx < P) if P > 0 else visible
+
+        return span_mask_mod
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         kv_grid = kv_idx - P
@@ -161,15 +216,18 @@ def neighborhood_pattern(
     num_prefix_tokens: int = 0,
     *,
     q_len: int | None = None,
+    spans: tuple[Tensor, Tensor] | None = None,
     block_size: int = BLOCK_SIZE,
     device: torch.device | None = None,
 ) -> BlockPattern:
     """The :class:`BlockPattern` of the ``length`` grid queries over the num_prefix_tokens + length keys.
 
     ``q_len`` < length (causal decoding with a cache): the last q_len of the positions are the queries, aligned
-    bottom-right with the keys. The key blocks are a band: every neighbour lies within (k - 1) * d positions of the
-    query along each axis (the border shift moves the window, never past that), i.e. within (k - 1) * d rows and
-    w - 1 columns of flat offset on a grid of width w; prefix key blocks are added to every row.
+    bottom-right with the keys. ``spans``: per-sequence real spans for 1-D non-causal windows
+    (:func:`neighborhood_mask_mod`). The key blocks are a band: every neighbour lies within (k - 1) * d positions of
+    the query along each axis (the border shift moves the window, never past that; a span's borders are borders
+    too), i.e. within (k - 1) * d rows and w - 1 columns of flat offset on a grid of width w; prefix key blocks are
+    added to every row.
     """
     P = num_prefix_tokens
     T = length if q_len is None else q_len
@@ -177,7 +235,7 @@ def neighborhood_pattern(
     reach = (kernel_size - 1) * dilation
     if grid is not None:
         reach = reach * grid[1] + grid[1] - 1
-    mask_mod = neighborhood_mask_mod(grid, length, kernel_size, dilation, causal, P)
+    mask_mod = neighborhood_mask_mod(grid, length, kernel_size, dilation, causal, P, spans)
     if length > T:  # bottom-right alignment: query i is position i + length - T; the mask is translation invariant
         base, shift = mask_mod, length - T
 
@@ -291,7 +349,8 @@ def neighborhood_attention(
         causal: 1-D causal neighbourhood (the k most recent positions of the query's dilation group).
         grid_size: (h, w) token grid after the prefix, or None for a 1-D sequence.
         num_prefix_tokens: tokens before the grid that attend and are attended globally (non-causal only).
-        key_mask: (B, S) bool, True = real key.
+        key_mask: (B, S) bool, True = real key. 1-D non-causal: a sequence whose real keys are one contiguous span
+            gets that span's windows (the same outputs as the span alone); a mask with holes keeps the full length's.
         rpb: relative position bias, (H, 2k - 1) in 1-D or (H, 2k - 1, 2k - 1) on a grid (non-causal only).
         pad_to_kernel: False raises when an axis is shorter than kernel_size * dilation (NATTEN's functional ops);
             True treats it as padded up to that size with masked keys (NATTEN's modules zero-pad).
@@ -336,7 +395,11 @@ def neighborhood_attention(
     scale = D**-0.5 if scale is None else float(scale)
     if causal and T == S and (backend == "blocked" or (backend == "auto" and not q.is_cuda)):
         return _causal_blocked(q, k, v, kernel_size, dilation, key_mask, dropout_p, scale, block_size)
-    pattern = neighborhood_pattern(grid, length, kernel_size, dilation, causal, P, q_len=T - P, device=q.device)
+    # 1-D non-causal with padding: windows placed per sequence (its real span), so padding changes no output
+    spans = None if causal or grid is not None or key_mask is None else sequence_spans(key_mask[:, P:])
+    pattern = neighborhood_pattern(
+        grid, length, kernel_size, dilation, causal, P, q_len=T - P, spans=spans, device=q.device
+    )
     bias_mod = None if rpb is None else neighborhood_bias_mod(rpb, grid, kernel_size, dilation, P)
     o = sparse_attention(
         q[:, P:], k, v, pattern, key_mask=key_mask, bias_mod=bias_mod, scale=scale, dropout_p=dropout_p, backend=backend

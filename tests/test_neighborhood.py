@@ -5,6 +5,10 @@ group (positions with its residue mod d), its index in that list, and the window
 members starting at clamp(index - k // 2, 0, len(group) - k) (shifted inward at the borders); causal: the k most
 recent group members. A group shorter than k (an axis shorter than k * d, padded by NATTEN's module) is seen whole.
 2-D neighbour sets are products of the row and column sets; prefix tokens attend and are seen globally.
+
+With a key padding mask (1-D non-causal), a sequence whose real tokens are one contiguous span is its own sequence:
+the reference runs the oracle on that span alone (NATTEN's rule on the unpadded sequence) and puts it back in place;
+a mask with holes, and the padded queries, keep the oracle of the padded length with the padded keys masked.
 """
 
 from __future__ import annotations
@@ -60,6 +64,37 @@ def oracle(q, k, v, *, kernel_size, dilation=1, causal=False, grid=None, prefix=
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with only padded keys: zeros
         out[:, i] = torch.einsum("bhs,bshd->bhd", weights, v[:, idx])
     return out
+
+
+def real_span(row: list[bool]) -> tuple[int, int] | None:
+    """(start, length) when the True entries of ``row`` are one contiguous run, else None (holes, or none real)."""
+    real = [i for i, r in enumerate(row) if r]
+    if not real or real[-1] - real[0] + 1 != len(real):
+        return None
+    return real[0], len(real)
+
+
+def padded_oracle(q, k, v, *, key_mask, causal=False, **kw):
+    """The oracle with a key padding mask: each row with one contiguous real span is that span run alone (non-causal;
+    causal rows are translation invariant, so the padded-length oracle is already the same), the rest (padded
+    queries, rows with holes) the padded-length oracle with the padded keys masked."""
+    out = oracle(q, k, v, causal=causal, key_mask=key_mask, **kw)
+    if causal:
+        return out
+    out = out.clone()
+    for b, row in enumerate(key_mask.tolist()):
+        span = real_span(row)
+        if span is not None:
+            s, n = span
+            piece = slice(s, s + n)
+            out[b : b + 1, piece] = oracle(q[b : b + 1, piece], k[b : b + 1, piece], v[b : b + 1, piece], **kw)
+    return out
+
+
+def span_mask(T: int, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """(B, T) key mask, True on positions start .. start + length - 1 of each row."""
+    pos = torch.arange(T)
+    return torch.stack([(pos >= s) & (pos < s + n) for s, n in spans])
 
 
 def qkv(B, T, H, D, seed=0, requires_grad=False):
@@ -157,14 +192,101 @@ def test_padded_axis_sees_its_whole_group():
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_padding_mask_equals_oracle(causal):
+    """Row 0 has holes (the padded length's windows, holes masked); row 1 is left-padded (its span's windows)."""
     T = 75
     q, k, v = qkv(2, T, 2, 8, seed=5)
     mask = torch.ones(2, T, dtype=torch.bool)
     mask[0, [3, 4, 5, 40]] = False
     mask[1, :6] = False  # the first queries of a causal row see only padding: zeros
-    got = neighborhood_attention(q, k, v, kernel_size=5, dilation=1 if causal else 2, causal=causal, key_mask=mask)
-    ref = oracle(q, k, v, kernel_size=5, dilation=1 if causal else 2, causal=causal, key_mask=mask)
-    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
+    kw = dict(kernel_size=5, dilation=1 if causal else 2, causal=causal)
+    got = neighborhood_attention(q, k, v, key_mask=mask, **kw)
+    torch.testing.assert_close(got, padded_oracle(q, k, v, key_mask=mask, **kw), atol=1e-12, rtol=1e-10)
+    if not causal:  # row 1's last queries: the span's rule and the padded length's differ only at the left border
+        assert not torch.allclose(got[1, 6:12], oracle(q, k, v, key_mask=mask, **kw)[1, 6:12])
+
+
+# (T, spans): right, left and both-sided padding, spans shorter than kernel_size * dilation (pad_to_kernel: the
+# whole dilation groups), a span of one token, and spans crossing the 64-blocks of the gathered-tile lowering
+PADDED_BATCHES = [
+    pytest.param(20, [(0, 20), (0, 13), (0, 5), (0, 1)], id="right"),
+    pytest.param(20, [(7, 13), (15, 5), (3, 17), (19, 1)], id="left"),
+    pytest.param(20, [(2, 11), (6, 4), (1, 18), (9, 2)], id="both"),
+    pytest.param(150, [(0, 150), (0, 97), (61, 89), (40, 70)], id="T150-blocks"),
+]
+
+
+@pytest.mark.parametrize("T,spans", PADDED_BATCHES)
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), (7, 1), (3, 2), (7, 2)])
+def test_padded_batch_equals_each_sequence_alone(T, spans, kernel, dilation):
+    """Each real span of a padded batch gives what the same sequence alone gives (NATTEN's rule on L_b positions),
+    float64, against the token-by-token oracle on the unpadded sequence and against the op on the sequence alone."""
+    q, k, v = qkv(len(spans), T, 2, 8, seed=9)
+    mask = span_mask(T, spans)
+    kw = dict(kernel_size=kernel, dilation=dilation)
+    got = neighborhood_attention(q, k, v, key_mask=mask, pad_to_kernel=True, **kw)
+    for b, (s, n) in enumerate(spans):
+        one = [t[b : b + 1, s : s + n] for t in (q, k, v)]
+        torch.testing.assert_close(got[b : b + 1, s : s + n], oracle(*one, **kw), atol=1e-12, rtol=1e-10)
+        alone = neighborhood_attention(*one, pad_to_kernel=True, **kw)
+        torch.testing.assert_close(got[b : b + 1, s : s + n], alone, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got, padded_oracle(q, k, v, key_mask=mask, **kw), atol=1e-12, rtol=1e-10)
+
+
+def test_padded_batch_with_prefix_token_equals_alone():
+    """1-D with a prefix token: the span is taken over the sequence after the prefix."""
+    T, spans, kw = 21, [(3, 10), (0, 20), (12, 4)], dict(kernel_size=5, dilation=2, num_prefix_tokens=1)
+    q, k, v = qkv(len(spans), T, 2, 8, seed=13)
+    mask = torch.cat([torch.ones(len(spans), 1, dtype=torch.bool), span_mask(T - 1, spans)], dim=1)
+    got = neighborhood_attention(q, k, v, key_mask=mask, pad_to_kernel=True, **kw)
+    for b, (s, n) in enumerate(spans):
+        idx = torch.tensor([0, *range(1 + s, 1 + s + n)])
+        one = [t[b : b + 1, idx] for t in (q, k, v)]
+        ref = oracle(*one, kernel_size=5, dilation=2, prefix=1)
+        torch.testing.assert_close(got[b : b + 1, idx], ref, atol=1e-12, rtol=1e-10)
+
+
+def test_padded_batch_with_bias_and_gradients_equal_alone():
+    """The relative position bias (group offsets are translation invariant) and the gradients at the real span."""
+    T, spans, kernel, dilation = 30, [(0, 30), (4, 19), (0, 9)], 5, 2
+    q, k, v = qkv(len(spans), T, 2, 4, seed=10, requires_grad=True)
+    rpb = torch.randn(2, 2 * kernel - 1, dtype=torch.float64, requires_grad=True)
+    mask = span_mask(T, spans)
+    kw = dict(kernel_size=kernel, dilation=dilation, rpb=rpb, pad_to_kernel=True)
+    weight = torch.randn(len(spans), T, 2, 4, dtype=torch.float64) * mask[..., None, None]  # real queries only
+    got = torch.autograd.grad((neighborhood_attention(q, k, v, key_mask=mask, **kw) * weight).sum(), [q, k, v, rpb])
+    ref = [torch.zeros_like(t) for t in (q, k, v, rpb)]
+    for b, (s, n) in enumerate(spans):
+        one = [t[b : b + 1, s : s + n] for t in (q, k, v)]
+        out = oracle(*one, kernel_size=kernel, dilation=dilation, rpb=rpb)
+        grads = torch.autograd.grad((out * weight[b : b + 1, s : s + n]).sum(), [q, k, v, rpb])
+        ref = [r + g for r, g in zip(ref, grads)]
+    for name, g, r in zip(["dq", "dk", "dv", "drpb"], got, ref):
+        torch.testing.assert_close(g, r, atol=1e-11, rtol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_causal_padded_batch_equals_alone(dilation):
+    """Causal windows never look right and their groups are lags of d: left or both-sided padding changes nothing
+    for the real span, on the blocked path and the gathered-tile lowering."""
+    T, spans = 40, [(0, 40), (11, 29), (5, 20), (0, 6)]
+    q, k, v = qkv(len(spans), T, 2, 8, seed=11)
+    mask = span_mask(T, spans)
+    kw = dict(kernel_size=5, dilation=dilation, causal=True)
+    for backend in ("blocked", "torch"):
+        got = neighborhood_attention(q, k, v, key_mask=mask, backend=backend, **kw)
+        for b, (s, n) in enumerate(spans):
+            one = [t[b : b + 1, s : s + n] for t in (q, k, v)]
+            torch.testing.assert_close(got[b : b + 1, s : s + n], oracle(*one, **kw), atol=1e-12, rtol=1e-10)
+
+
+def test_sequence_spans():
+    from attnzoo.layers.neighborhood import sequence_spans
+
+    mask = span_mask(10, [(0, 10), (0, 4), (6, 4), (2, 5), (3, 1)])
+    holes = torch.tensor([[True, False, True] + [True] * 7, [False] * 10])  # a hole; nothing real
+    start, length = sequence_spans(torch.cat([mask, holes]))
+    assert start.tolist() == [0, 0, 6, 2, 3, 0, 0]
+    assert length.tolist() == [10, 4, 4, 5, 1, 10, 10]  # no single span: the padded length's rule
 
 
 @pytest.mark.parametrize(
@@ -210,6 +332,19 @@ def test_kv_blocks_cover_the_mask(grid, length, kernel, dilation, causal, prefix
     check_kv_blocks(pattern)
 
 
+@pytest.mark.parametrize("kernel,dilation", [(7, 3), (9, 1), (5, 4)])
+def test_kv_blocks_cover_the_per_sequence_windows(kernel, dilation):
+    """The band (no widening) covers every span's windows, and the padded queries' full-length ones."""
+    from attnzoo.layers.neighborhood import sequence_spans
+
+    T = 100
+    mask = span_mask(T, [(0, 100), (0, 37), (23, 77), (17, 50), (40, 11), (99, 1), (50, 5)])
+    mask = torch.cat([mask, torch.zeros(1, T, dtype=torch.bool)])
+    spans = sequence_spans(mask)
+    pattern = neighborhood_pattern(None, T, kernel, dilation, False, spans=spans, block_size=16)
+    check_kv_blocks(pattern, batch_size=mask.shape[0])
+
+
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_prefill_then_step_equals_full(dilation):
     torch.manual_seed(0)
@@ -251,6 +386,22 @@ def test_flex_forward_equals_torch_lowering(kw, T):
         flex = neighborhood_attention(q, k, v, key_mask=mask, rpb=rpb, backend="flex", **kw)
         ref = neighborhood_attention(q, k, v, key_mask=mask, rpb=rpb, backend="torch", **kw)
     torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not _has_flex(), reason="torch.nn.attention.flex_attention is not available")
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_flex_per_sequence_windows_equal_torch_lowering(dilation):
+    """The spans reach FlexAttention's mask_mod as (B,) tensors indexed by b: same outputs as the gathered tiles."""
+    T, spans = 150, [(0, 150), (0, 9), (61, 89), (20, 70)]
+    q, k, v = (t.float() for t in qkv(len(spans), T, 2, 16, seed=12))
+    mask = span_mask(T, spans)
+    rpb = torch.randn(2, 13)
+    kw = dict(kernel_size=7, dilation=dilation, key_mask=mask, rpb=rpb, pad_to_kernel=True)
+    with torch.no_grad():
+        flex = neighborhood_attention(q, k, v, backend="flex", **kw)
+        ref = neighborhood_attention(q, k, v, backend="torch", **kw)
+    real = mask[..., None, None]
+    torch.testing.assert_close(flex * real, ref * real, atol=1e-5, rtol=1e-5)
 
 
 def test_layer_2d_grid_and_bias_default():
