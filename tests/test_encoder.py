@@ -31,8 +31,6 @@ PADDING_CASES = [
 LENGTH_DEPENDENT = {
     "agent": "pools its agent tokens over fixed bins of the padded length",
     "biformer": "cuts a 1-D sequence into min(n_win, T) regions of the padded length T",
-    "neighborhood": "shifts the windows at the borders of the padded sequence (NATTEN's edge rule), so the last "
-    "real tokens see padded, masked neighbours instead of earlier real ones",
 }
 
 
