@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo.layers.registry import Attention, register_attention
-from attnzoo.layers.windows import check_grid
+from attnzoo.layers.windows import check_grid, check_prefix
 
 BIAS_TABLE = 7  # side of the an/na tables (official); 1-D tables have BIAS_TABLE**2 entries, the same count
 BIAS_STD = 0.02  # official trunc_normal_ std of every position bias
@@ -107,7 +107,7 @@ class AgentAttention(Attention):
         cross: bool = False,
         agent_num: int = 49,
         grid_size: tuple[int, int] | None = None,
-        num_prefix_tokens: int = 0,
+        num_prefix_tokens: int | None = None,
         qkv_bias: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
@@ -121,7 +121,8 @@ class AgentAttention(Attention):
             agent_num: agent tokens M (49 in the paper). On a grid they are pooled to p_h x p_w = M.
             grid_size: (h, w) of the token grid (ViT patches, row-major) or None for a 1-D sequence. The row/column
                 bias tables are built for this grid; assign ``layer.grid_size`` later to run on another grid.
-            num_prefix_tokens: tokens before the sequence/grid (class tokens) with their own ac/ca biases.
+            num_prefix_tokens: tokens before the sequence/grid (class tokens) with their own ac/ca biases; None = 0
+                (the ViT sets its class tokens).
             qkv_bias: bias in the q/k/v projection (official default False; DeiT models use True).
             attn_drop: dropout on both attention maps (training only).
             proj_drop: dropout after the output projection.
@@ -131,8 +132,7 @@ class AgentAttention(Attention):
         if not isinstance(agent_num, int) or agent_num < 1:
             raise ValueError(f"{label}: agent_num must be a positive integer; got {agent_num!r}.")
         grid_size = check_grid(label, grid_size)
-        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"{label}: num_prefix_tokens must be an integer >= 0; got {num_prefix_tokens!r}.")
+        num_prefix_tokens = check_prefix(label, num_prefix_tokens)
         self.agent_num = agent_num
         self.grid_size = grid_size
         self.num_prefix_tokens = num_prefix_tokens

@@ -52,7 +52,7 @@ from attnzoo.errors import unknown
 from attnzoo.kernels.sparse_attention import BlockPattern, sparse_attention
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.sdpa import sdpa
-from attnzoo.layers.windows import WindowLayout, check_grid, token_grid, window_layout
+from attnzoo.layers.windows import WindowLayout, check_grid, check_prefix, token_grid, window_layout
 
 BACKENDS = ("auto", "torch", "flex")
 
@@ -205,7 +205,7 @@ class BiFormerAttention(Attention):
         side_dwconv: int = 5,
         qk_scale: float | None = None,
         grid_size: tuple[int, int] | None = None,
-        num_prefix_tokens: int = 0,
+        num_prefix_tokens: int | None = None,
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
@@ -222,7 +222,8 @@ class BiFormerAttention(Attention):
             side_dwconv: LCE kernel size, odd (official models 5); 0 disables LCE.
             qk_scale: logit scale; None = dim^-0.5 (official: the full qk width, not the head width).
             grid_size: (h, w) token grid (ViT patches, row-major), or None for a 1-D sequence.
-            num_prefix_tokens: tokens before the grid (class tokens); they attend and are seen globally.
+            num_prefix_tokens: tokens before the grid (class tokens); they attend and are seen globally; None = 0
+                (the ViT sets its class tokens).
             qkv_bias: bias in the q/k/v projection (official ``QKVLinear``: True).
             attn_drop: dropout on the token attention probabilities (training only; the official op has none).
             proj_drop: dropout after the output projection.
@@ -243,8 +244,7 @@ class BiFormerAttention(Attention):
             raise ValueError(f"{label}: side_dwconv must be 0 (no LCE) or an odd kernel size; got {side_dwconv!r}.")
         if qk_scale is not None and not qk_scale > 0:
             raise ValueError(f"{label}: qk_scale must be a positive number or None (dim^-0.5); got {qk_scale!r}.")
-        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"{label}: num_prefix_tokens must be an integer >= 0; got {num_prefix_tokens!r}.")
+        num_prefix_tokens = check_prefix(label, num_prefix_tokens)
         self.n_win = n_win
         self.topk = topk
         self.scale = float(qk_scale) if qk_scale is not None else dim**-0.5

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from attnzoo.kernels import linear_attn
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.short_conv import ShortConvolution
-from attnzoo.layers.windows import check_grid
+from attnzoo.layers.windows import check_grid, check_prefix
 
 POWER_SCALE, POWER_OFFSET = 3.0, 0.5  # official: power = 3 * (0.5 + tanh(|q|))
 KEY_POWER = 3  # official: k = k ** 3 before the sign split
@@ -160,7 +160,7 @@ class NaLaAttention(Attention):
         gate: bool = True,
         lepe_kernel: int | None = None,
         grid_size: tuple[int, int] | None = None,
-        num_prefix_tokens: int = 0,
+        num_prefix_tokens: int | None = None,
         eps: float = 1e-6,
         bias: bool = True,
     ) -> None:
@@ -175,7 +175,8 @@ class NaLaAttention(Attention):
                 for cross-attention.
             grid_size: (h, w) token grid (row-major) for a 2-D LePE, or None for a 1-D sequence. The ViT backbone
                 sets its patch grid. Non-causal only.
-            num_prefix_tokens: tokens before the grid/sequence (class tokens), left out of LePE.
+            num_prefix_tokens: tokens before the grid/sequence (class tokens), left out of LePE; None = 0
+                (the ViT sets its class tokens).
             eps: added to the mean-normalised denominator (official 1e-6).
             bias: bias in ``qkvg`` and ``out_proj`` (official: ``nn.Linear`` default, True).
         """
@@ -201,8 +202,7 @@ class NaLaAttention(Attention):
         grid_size = check_grid(label, grid_size)
         if grid_size is not None and causal:
             raise ValueError(f"{label}: grid_size is for the non-causal 2-D layout; a causal layer runs in 1-D.")
-        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"{label}: num_prefix_tokens must be an integer >= 0; got {num_prefix_tokens!r}.")
+        num_prefix_tokens = check_prefix(label, num_prefix_tokens)
         if causal and num_prefix_tokens:
             raise ValueError(f"{label}: num_prefix_tokens (class tokens) is for the non-causal layer; got causal=True.")
         self.eps = eps

@@ -74,7 +74,7 @@ from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
 from attnzoo.layers.sdpa import sdpa
 from attnzoo.layers.sliding_window import SlidingWindowCache
-from attnzoo.layers.windows import check_grid, token_grid
+from attnzoo.layers.windows import check_grid, check_prefix, token_grid
 
 RPB_STD = 0.02  # NATTEN NeighborhoodAttention1D/2D: trunc_normal_(rpb, std=0.02)
 BACKENDS = ("auto", "blocked", "flex", "reference", "torch")
@@ -427,7 +427,7 @@ class NeighborhoodAttention(Attention):
         kernel_size: int = 7,
         dilation: int = 1,
         grid_size: tuple[int, int] | None = None,
-        num_prefix_tokens: int = 0,
+        num_prefix_tokens: int | None = None,
         rel_pos_bias: bool | None = None,
         qkv_bias: bool = True,
         rope: bool = False,
@@ -445,7 +445,8 @@ class NeighborhoodAttention(Attention):
             dilation: d, neighbours every d-th position (DiNAT; 1 = NAT).
             grid_size: (h, w) token grid (ViT patches, row-major) for 2-D neighbourhoods, or None for 1-D; the ViT
                 backbone sets it. Non-causal only.
-            num_prefix_tokens: class/register tokens before the grid; they attend and are seen globally.
+            num_prefix_tokens: class/register tokens before the grid; they attend and are seen globally; None = 0
+                (the ViT sets its class tokens).
             rel_pos_bias: NATTEN's ``rpb`` table; None = on for a 2-D grid (NAT), off for 1-D and causal.
             qkv_bias: bias in the q/k/v projection (NATTEN default True).
             rope: rotary position embedding on q and k over the token positions (off: NAT uses the bias).
@@ -457,8 +458,7 @@ class NeighborhoodAttention(Attention):
         label = self.name
         check_kernel(label, kernel_size, dilation, causal)
         self.grid_size = check_grid(label, grid_size)
-        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"{label}: num_prefix_tokens must be an integer >= 0; got {num_prefix_tokens!r}.")
+        num_prefix_tokens = check_prefix(label, num_prefix_tokens)
         if causal and (self.grid_size is not None or num_prefix_tokens > 0):
             raise ValueError(
                 f"{label}: causal neighborhoods are 1-D without prefix tokens; got grid_size={grid_size!r}, "

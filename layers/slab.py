@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from attnzoo.kernels import linear_attn
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.short_conv import ShortConvolution
-from attnzoo.layers.windows import check_grid
+from attnzoo.layers.windows import check_grid, check_prefix
 
 
 @dataclass
@@ -75,7 +75,7 @@ class SimplifiedLinearAttention(Attention):
         cross: bool = False,
         kernel_size: int = 5,
         grid_size: tuple[int, int] | None = None,
-        num_prefix_tokens: int = 0,
+        num_prefix_tokens: int | None = None,
         qkv_bias: bool = True,
         eps: float = 1e-6,
         proj_drop: float = 0.0,
@@ -89,7 +89,8 @@ class SimplifiedLinearAttention(Attention):
             kernel_size: DWC window (official 5); odd unless causal.
             grid_size: (h, w) token grid (row-major) for the 2-D DWC and the key position encoding, or None for a
                 1-D sequence. The ViT backbone sets its patch grid. Non-causal only.
-            num_prefix_tokens: tokens before the grid/sequence (class tokens), left out of the DWC and PE.
+            num_prefix_tokens: tokens before the grid/sequence (class tokens), left out of the DWC and PE; None = 0
+                (the ViT sets its class tokens).
             qkv_bias: bias in the qkv projection (official True).
             eps: added to the denominator q~ . sum k~ (official 1e-6).
             proj_drop: dropout after the output projection.
@@ -102,8 +103,7 @@ class SimplifiedLinearAttention(Attention):
         grid_size = check_grid(label, grid_size)
         if grid_size is not None and causal:
             raise ValueError(f"{label}: grid_size is for the non-causal 2-D layout; a causal layer runs in 1-D.")
-        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"{label}: num_prefix_tokens must be an integer >= 0; got {num_prefix_tokens!r}.")
+        num_prefix_tokens = check_prefix(label, num_prefix_tokens)
         if causal and num_prefix_tokens:
             raise ValueError(f"{label}: num_prefix_tokens (class tokens) is for the non-causal layer; got causal=True.")
         if not eps >= 0:

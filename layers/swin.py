@@ -48,7 +48,7 @@ from attnzoo.errors import unknown
 from attnzoo.kernels.sparse_attention import BiasMod, BlockPattern, MaskMod, sparse_attention
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.sdpa import sdpa
-from attnzoo.layers.windows import WindowLayout, check_grid, token_grid, window_layout
+from attnzoo.layers.windows import WindowLayout, check_grid, check_prefix, token_grid, window_layout
 
 BIAS_STD = 0.02  # timm trunc_normal_ std of the relative position bias table
 BACKENDS = ("auto", "torch", "flex")
@@ -131,9 +131,9 @@ class SwinAttention(Attention):
         cross: bool = False,
         window_size: int = 7,
         shift_size: int | None = None,
-        layer_index: int = 0,
+        layer_index: int | None = None,
         grid_size: tuple[int, int] | None = None,
-        num_prefix_tokens: int = 0,
+        num_prefix_tokens: int | None = None,
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
@@ -148,9 +148,10 @@ class SwinAttention(Attention):
             window_size: M, the window side (7 in Swin-T/S/B); clamped to the grid (timm).
             shift_size: cyclic shift of the windows; None = window_size // 2 on odd ``layer_index``, 0 on even.
             layer_index: the block's index in the backbone (the ViT passes it), which picks the shift when
-                ``shift_size`` is None.
+                ``shift_size`` is None; None = 0.
             grid_size: (h, w) token grid (ViT patches, row-major), or None for a 1-D sequence (grid (1, T)).
-            num_prefix_tokens: tokens before the grid (class/register tokens); they attend and are seen globally.
+            num_prefix_tokens: tokens before the grid (class/register tokens); they attend and are seen globally;
+                None = 0 (the ViT sets its class tokens).
             qkv_bias: bias in the q/k/v projection (timm default True).
             attn_drop: dropout on the attention probabilities (training only).
             proj_drop: dropout after the output projection.
@@ -166,8 +167,9 @@ class SwinAttention(Attention):
         self.backend = backend
         if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
             raise ValueError(f"{label}: window_size must be a positive integer; got {window_size!r}.")
-        if not isinstance(layer_index, int) or layer_index < 0:
-            raise ValueError(f"{label}: layer_index must be an integer >= 0; got {layer_index!r}.")
+        layer_index = 0 if layer_index is None else layer_index
+        if not isinstance(layer_index, int) or isinstance(layer_index, bool) or layer_index < 0:
+            raise ValueError(f"{label}: layer_index must be an integer >= 0 or None (0); got {layer_index!r}.")
         if shift_size is None:
             shift_size = window_size // 2 if layer_index % 2 == 1 else 0
         if not isinstance(shift_size, int) or not 0 <= shift_size < window_size:
@@ -175,8 +177,7 @@ class SwinAttention(Attention):
                 f"{label}: shift_size must be an integer with 0 <= shift_size < window_size={window_size} "
                 f"(Swin: window_size // 2 = {window_size // 2}), or None; got {shift_size!r}."
             )
-        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"{label}: num_prefix_tokens must be an integer >= 0; got {num_prefix_tokens!r}.")
+        num_prefix_tokens = check_prefix(label, num_prefix_tokens)
         self.grid_size = check_grid(label, grid_size)
         self.num_prefix_tokens = num_prefix_tokens
         self.layer_index = layer_index

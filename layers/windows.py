@@ -141,6 +141,16 @@ def check_grid(label: str, grid_size: tuple[int, int] | None) -> tuple[int, int]
     return grid
 
 
+def check_prefix(label: str, num_prefix_tokens: int | None) -> int:
+    """Validate a layer's ``num_prefix_tokens`` option: an int >= 0, or None (unset: 0 unless a backbone fills it in,
+    as the ViT does with its class tokens)."""
+    if num_prefix_tokens is None:
+        return 0
+    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool) or num_prefix_tokens < 0:
+        raise ValueError(f"{label}: num_prefix_tokens must be an integer >= 0 or None; got {num_prefix_tokens!r}.")
+    return num_prefix_tokens
+
+
 def token_grid(label: str, grid_size: tuple[int, int] | None, num_prefix_tokens: int, T: int) -> tuple[int, int]:
     """The (h, w) grid of the T - num_prefix_tokens tokens after the prefix: ``grid_size``, or (1, L) without one."""
     L = T - num_prefix_tokens

@@ -14,7 +14,8 @@ timm ViT state_dict loads into a softmax ViT unchanged. Only the attention chang
   timm's ``block_fn``; timm gives it the block index.
 * Layers that need the 2-D token grid (agent attention) receive ``grid_size=(h, w)`` and ``num_prefix_tokens``
   whenever ``attention_info(name).options`` lists those options, and layers with a ``layer_index`` option receive
-  their block's index (0 .. depth - 1; Swin shifts its windows on odd blocks).
+  their block's index (0 .. depth - 1; Swin shifts its windows on odd blocks), unless the spec sets them: an option
+  absent or None (as ``configs/attention/*.yaml`` write them) is filled in.
 
 Defaults are timm's ``vit_tiny_patch16_224`` (embed_dim 192, depth 12, heads 3, qkv_bias True); the Hydra config
 ``configs/model/vit.yaml`` sets a CPU-sized model for the 8x8 digits.
@@ -179,11 +180,12 @@ def timm_attention_class(
     for key in options:
         if key not in valid:
             raise TypeError(f"{name}: " + unknown("option", key, valid))
-    if grid_size is not None and "grid_size" in valid and "grid_size" not in options:
+    # an option left unset (absent, or None as the configs write it) is the backbone's to fill in
+    if grid_size is not None and "grid_size" in valid and options.get("grid_size") is None:
         options["grid_size"] = tuple(int(s) for s in grid_size)
-    if "num_prefix_tokens" in valid and "num_prefix_tokens" not in options:
+    if "num_prefix_tokens" in valid and options.get("num_prefix_tokens") is None:
         options["num_prefix_tokens"] = int(num_prefix_tokens)
-    if layer_index is not None and "layer_index" in valid and "layer_index" not in options:
+    if layer_index is not None and "layer_index" in valid and options.get("layer_index") is None:
         options["layer_index"] = int(layer_index)
     # one class per (layer, options): the same spec gives the same class, so isinstance checks and repr stay tidy
     key = f"{name}:{sorted(options.items())!r}"

@@ -94,6 +94,40 @@ def test_grid_layers_receive_grid_and_prefix(name):
     assert model(torch.randn(2, 1, 8, 12)).shape == (2, 10)
 
 
+POSITIONED = sorted(
+    n
+    for n in list_attention("noncausal_self")
+    if {"grid_size", "num_prefix_tokens", "layer_index"} & set(attention_info(n).options)
+)
+
+
+@pytest.mark.parametrize("name", POSITIONED)
+def test_configs_leave_grid_prefix_and_index_to_the_vit(name):
+    """From the command line (``experiment=vit_digits attention=<name>``), the ViT fills in the options the attention
+    config leaves unset (null): the 4x4 patch grid, the class token, and each block's index (swin then alternates
+    W-MSA and SW-MSA), exactly as when the model is built from Python."""
+    from conftest import compose_train
+    from omegaconf import OmegaConf
+
+    from attnzoo.training.base import build_model
+    from attnzoo.training.run import resolve_attention
+
+    cfg = compose_train(["experiment=vit_digits", f"attention={name}"])
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.update(attention=resolve_attention(cfg), img_size=8, in_chans=1, num_classes=10)  # the 8x8 digits
+    layers = build_model(model_cfg).attention_layers()
+    options = attention_info(name).options
+    for index, layer in enumerate(layers):
+        if "grid_size" in options:
+            assert layer.grid_size == (4, 4)
+        if "num_prefix_tokens" in options:
+            assert layer.num_prefix_tokens == 1
+        if "layer_index" in options:
+            assert layer.layer_index == index
+    if name == "swin":  # window_size // 2 on odd blocks (the grid clamps the window; timm then skips the shift)
+        assert [layer.shift_size for layer in layers] == [0, 3, 0, 3]
+
+
 def test_adapter_accepts_timm_call_and_key_padding_mask():
     cls = timm_attention_class("softmax")
     layer = cls(32, num_heads=4, qkv_bias=True).double().eval()
