@@ -35,6 +35,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     cosformer,
     cottention,
     deltanet,
+    differential,
     flowformer,
     gated_deltanet,
     gated_softmax,
