@@ -1,8 +1,16 @@
 """Test-session setup shared by every test file."""
 
 import os
+import sys
+from pathlib import Path
 
-import torch
+# `python -m pytest` puts the checkout's root first on sys.path, where its kernels/ folder (the sources of
+# attnzoo.kernels) would shadow Hugging Face's `kernels` package, which transformers imports. The tests import attnzoo
+# from its installation, so the root goes.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
+
+import torch  # noqa: E402
 
 # Triton kernels run on this CPU-only machine through the interpreter; it must be on before triton is imported.
 if not torch.cuda.is_available():
