@@ -17,9 +17,10 @@ value head h // n_rep (n_rep = H / H_kv), the official ``repeat_kv``. The four l
 init, as in the official code) are shared by the heads of a layer and kept in float32; the RMSNorm over 2d channels
 (eps 1e-5, learnable scale) is shared by the heads too (``subln``).
 
-Both maps go through one ``F.scaled_dot_product_attention`` call over the 2H query halves (so causal, key padding,
-bottom-right causal_cross and the KV cache work as for ``softmax``, through :func:`attnzoo.layers.sdpa.sdpa`), and
-their difference is taken on the outputs: (A_1 - lambda A_2) v = A_1 v - lambda A_2 v. Defaults are the official
+Both maps go through one ``F.scaled_dot_product_attention`` call over the 2H query halves, through
+:func:`attnzoo.layers.sdpa.sdpa`, so causal, key padding, bottom-right causal_cross and the KV cache work as for
+``softmax``; q and k are zero-padded to the value width 2d there, because with unequal widths the CPU falls back to a
+T x S math kernel. The difference is taken on the outputs: (A_1 - lambda A_2) v = A_1 v - lambda A_2 v. Defaults are the official
 module's: no projection bias, RoPE on q and k (base 10000; the official rotary is applied unconditionally). The RoPE
 here rotates the two halves of each d channels (the GPT-NeoX layout) where the official code rotates interleaved
 pairs: a fixed permutation of each half's channels, which the projections absorb. ``num_heads`` counts differential
@@ -31,6 +32,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo.layers.cross import aligned_start, rotate_from
@@ -159,7 +161,10 @@ class DifferentialAttention(Attention):
         k = k.repeat_interleave(self.n_rep, dim=2) if self.n_rep > 1 else k
         v = v.repeat_interleave(2 * self.n_rep, dim=2)  # (B, S, 2H, 2d)
         dropout_p = self.attn_drop if self.training else 0.0
-        o = sdpa(q, k, v, causal=self.causal, key_mask=key_mask, q_offset=q_offset, dropout_p=dropout_p)
+        # q, k zero-padded to v's 2d channels (the scores are unchanged, the scale stays d^-1/2): SDPA's fused CPU
+        # kernels need one head width, and with d != 2d it falls back to the T x S math kernel
+        q, k = F.pad(q, (0, d)), F.pad(k, (0, d))
+        o = sdpa(q, k, v, causal=self.causal, key_mask=key_mask, q_offset=q_offset, dropout_p=dropout_p, scale=d**-0.5)
         o = o.view(B, T, H, 2, 2 * d)  # (B, T, H, map, 2d): A_1 v and A_2 v
         diff = o[:, :, :, 0] - self.lambda_full().to(o.dtype) * o[:, :, :, 1]
         # the norm in its weight's precision (float32 under autocast, as the official fused RMSNorm computes)
