@@ -20,11 +20,13 @@ init, as in the official code) are shared by the heads of a layer and kept in fl
 Both maps go through one ``F.scaled_dot_product_attention`` call over the 2H query halves, through
 :func:`attnzoo.layers.sdpa.sdpa`, so causal, key padding, bottom-right causal_cross and the KV cache work as for
 ``softmax``; q and k are zero-padded to the value width 2d there, because with unequal widths the CPU falls back to a
-T x S math kernel. The difference is taken on the outputs: (A_1 - lambda A_2) v = A_1 v - lambda A_2 v. Defaults are the official
-module's: no projection bias, RoPE on q and k (base 10000; the official rotary is applied unconditionally). The RoPE
-here rotates the two halves of each d channels (the GPT-NeoX layout) where the official code rotates interleaved
-pairs: a fixed permutation of each half's channels, which the projections absorb. ``num_heads`` counts differential
-heads: the paper compares H differential heads against a Transformer with 2H heads of the same width.
+T x S math kernel. The difference is taken on the outputs: (A_1 - lambda A_2) v = A_1 v - lambda A_2 v.
+
+Defaults are the official module's: no projection bias, RoPE on q and k (base 10000; the official rotary is applied
+unconditionally). The RoPE here rotates the two halves of each d channels (the GPT-NeoX layout) where the official
+code rotates interleaved pairs: a fixed permutation of each half's channels, which the projections absorb.
+``num_heads`` counts differential heads: the paper compares H differential heads against a Transformer with 2H heads
+of the same width.
 """
 
 from __future__ import annotations
