@@ -47,6 +47,7 @@ from attnzoo.layers import (  # noqa: F401  isort: skip
     linear,
     mamba,
     mamba2,
+    mla,
     moh,
     nalaformer,
     neighborhood,
