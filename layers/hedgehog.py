@@ -32,6 +32,9 @@ Kaiming-uniform instead), feature_dim = head_dim (the paper's square map), no bi
 ``feature_bias=True`` for the paper's ``nn.Linear`` bias, initialised to zero there), eps = 1e-12 for both the
 feature clamp and the denominator (LoLCATs ``feature_map_kwargs.eps`` and ``LolcatsLinearAttention.eps``), q/k/v/o
 projections without bias (the Llama/Mistral layers LoLCATs converts). Queries enter the map unscaled (no 1/sqrt(d)).
+``rope=True`` rotates q and k (RoPE, base 10000) before the maps, as LoLCATs does with the Llama layer's rotary
+embedding (the maps then see absolute positions: phi(R_i q) . phi(R_j k) is not a function of i - j); off by default,
+as in the paper's Hedgehog. Positions follow ``softmax``: a cache's offset, bottom-right alignment in causal_cross.
 
 The paper trains phi by softmax mimicry: a cross-entropy between the teacher's softmax attention weights and the
 linear attention weights, :func:`hedgehog_distillation_loss` (on the layer's projected q and k, ``q_proj(x)`` viewed
@@ -43,8 +46,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnzoo.layers.cross import aligned_start, rotate_from
 from attnzoo.layers.linear import LinearAttentionCache, feature_linear_attention
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
+from attnzoo.layers.rope import RotaryEmbedding
 
 ACTIVATIONS = ("softmax", "exp")
 EXP_LIMIT = 30.0  # exp(30) ~ 1e13: a sum over a million keys of such features stays far below float32's 3e38
@@ -164,6 +169,8 @@ class HedgehogAttention(Attention):
         tie_qk: bool = False,
         eps: float = 1e-12,
         bias: bool = False,
+        rope: bool = False,
+        rope_base: float = 10000.0,
     ) -> None:
         """
         Args:
@@ -179,6 +186,8 @@ class HedgehogAttention(Attention):
             tie_qk: one feature map for queries and keys (LoLCATs ``tie_qk_kernels``: False).
             eps: feature clamp and denominator epsilon (LoLCATs: 1e-12).
             bias: bias in the q/k/v/o projections (the Llama layers LoLCATs converts: False).
+            rope: rotary position embedding on q and k before the feature maps (LoLCATs keeps the Llama layer's).
+            rope_base: RoPE frequency base.
         """
         super().__init__(dim, num_heads, causal=causal, cross=cross)
         feature_dim = self.head_dim if feature_dim is None else feature_dim
@@ -200,6 +209,7 @@ class HedgehogAttention(Attention):
             for _ in range(1 if tie_qk else 2)
         ]
         self.feature_map_q, self.feature_map_k = maps[0], maps[-1]
+        self.rope = RotaryEmbedding(self.head_dim, rope_base) if rope else None
 
     def forward(
         self,
@@ -214,8 +224,15 @@ class HedgehogAttention(Attention):
         H, D = self.num_heads, self.head_dim
         source = context if self.cross else x
         S = source.shape[1]
-        q = self.feature_map_q(self.q_proj(x).view(B, T, H, D), is_query=True)  # (B, T, H, 2F)
-        k = self.feature_map_k(self.k_proj(source).view(B, S, H, D))  # (B, S, H, 2F)
+        q, k = self.q_proj(x).view(B, T, H, D), self.k_proj(source).view(B, S, H, D)
+        if self.rope is not None:  # positions as in softmax: the cache's offset, bottom-right in causal_cross
+            offset = 0 if cache is None else cache.length
+            q_offset = (
+                aligned_start(T, S, context_seen=offset, name=self.name) if self.causal and self.cross else offset
+            )
+            q, k = rotate_from(self.rope, q, q_offset), self.rope(k, offset)
+        q = self.feature_map_q(q, is_query=True)  # (B, T, H, 2F)
+        k = self.feature_map_k(k)  # (B, S, H, 2F)
         v = self.v_proj(source).view(B, S, H, D)  # (B, S, H, D)
         o = feature_linear_attention(self, q, k, v, padding_mask, cache)
         return self.o_proj(o.reshape(B, T, self.dim).to(x.dtype))
@@ -229,4 +246,5 @@ class HedgehogAttention(Attention):
         return self.num_heads * 2 * self.feature_dim * (self.head_dim + 1)  # S and z per head, independent of seq_len
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, feature_dim={self.feature_dim}, activation={self.activation}"
+        rope = ", rope=True" if self.rope is not None else ""
+        return f"{super().extra_repr()}, feature_dim={self.feature_dim}, activation={self.activation}{rope}"

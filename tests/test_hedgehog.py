@@ -42,6 +42,15 @@ def quadratic_weights(layer, q, k, causal=None):
     return scores / (scores.sum(-1, keepdim=True) + EPS)
 
 
+def rotate(x, positions, base=10000.0):
+    """RoPE on (B, T, H, D) at the given positions, halves layout: [x1 cos - x2 sin, x2 cos + x1 sin]."""
+    D = x.shape[-1]
+    angles = positions[:, None] * base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # (T, D/2)
+    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 def reference_forward(layer, x, context=None):
     B, T, _ = x.shape
     source = x if context is None else context
@@ -49,6 +58,9 @@ def reference_forward(layer, x, context=None):
     q = layer.q_proj(x).view(B, T, HEADS, -1)
     k = layer.k_proj(source).view(B, S, HEADS, -1)
     v = layer.v_proj(source).view(B, S, HEADS, -1)
+    if layer.rope is not None:  # rotate by position, written out: query i sits at i + S - T in causal cross
+        q_pos = torch.arange(T, dtype=torch.float64) + (S - T if layer.causal and layer.cross else 0)
+        q, k = rotate(q, q_pos), rotate(k, torch.arange(S, dtype=torch.float64))
     o = torch.einsum("bhts,bshv->bthv", quadratic_weights(layer, q, k), v)
     return layer.o_proj(o.reshape(B, T, DIM))
 
@@ -81,6 +93,32 @@ def test_layer_equals_quadratic_form(flags, T, S, activation):
     context = randn(2, S, DIM, seed=4) if flags["cross"] else None
     got = layer(x, context=context)
     torch.testing.assert_close(got, reference_forward(layer, x, context), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("flags,T,S", CASES)
+def test_rope_equals_the_rotated_quadratic_form(flags, T, S):
+    """rope=True: q and k rotated (query i at i + S - T in causal cross) before the maps, as LoLCATs does."""
+    layer = perturbed_layer(rope=True, **flags)
+    x = randn(2, T, DIM, seed=3)
+    context = randn(2, S, DIM, seed=4) if flags["cross"] else None
+    got = layer(x, context=context)
+    torch.testing.assert_close(got, reference_forward(layer, x, context), atol=1e-12, rtol=1e-10)
+    plain = perturbed_layer(**flags)
+    assert (got - plain(x, context=context)).abs().max() > 1e-3  # the rotation is not a no-op
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_rope_decoding_equals_the_full_forward(cross):
+    """Prefill then single steps with rope=True: the cache offset puts each rotation where the full forward does."""
+    layer = perturbed_layer(rope=True, causal=True, cross=cross).eval()
+    x = randn(1, 12, DIM, seed=5)
+    context = randn(1, 12, DIM, seed=6) if cross else None
+    full = layer(x, context=context)
+    cache = layer.new_cache(1)
+    parts = [layer(x[:, :7], context=None if context is None else context[:, :7], cache=cache)]
+    for t in range(7, 12):
+        parts.append(layer(x[:, t : t + 1], context=None if context is None else context[:, t : t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-12, rtol=1e-10)
 
 
 def test_gradients_equal_the_quadratic_form():
