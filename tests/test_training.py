@@ -33,6 +33,17 @@ def test_fast_dev_run(cfg_train, tmp_path):
     assert summary["params"] > 0 and summary["train_tokens_per_s"] > 0
 
 
+def test_progress_bar_off_from_the_command_line(cfg_train, tmp_path):
+    """``trainer.enable_progress_bar=false`` with the default callbacks (which configure a RichProgressBar) trains
+    instead of Lightning's "found RichProgressBar in callbacks" error: the run drops the configured bar."""
+    with open_dict(cfg_train):
+        cfg_train.trainer.fast_dev_run = True
+        cfg_train.trainer.enable_progress_bar = False
+        cfg_train.callbacks.rich_progress_bar = {"_target_": "lightning.pytorch.callbacks.RichProgressBar"}
+    run(cfg_train)
+    assert (tmp_path / "summary.json").is_file()
+
+
 def test_artifacts_resume_and_reload(cfg_train, tmp_path):
     with open_dict(cfg_train):
         cfg_train.trainer.limit_train_batches = 3

@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -191,6 +192,8 @@ def run(cfg: DictConfig) -> float | None:
     output_dir.mkdir(parents=True, exist_ok=True)
     throughput = ThroughputMonitor()
     callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput]
+    if not cfg.trainer.get("enable_progress_bar", True):  # trainer.enable_progress_bar=false: drop the configured bar
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=faults.trainer_plugins()
