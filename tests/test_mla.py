@@ -179,21 +179,23 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS)
-def test_parameter_names_and_shapes_are_hugging_faces(cfg):
-    widths = dict(kv_lora_rank=12, nope=6, rope=4, v=14)
-    layer = build_attention(
+def hf_sized_layer(cfg):
+    """The small causal MLA that the Hugging Face comparisons use (widths of WIDTHS["v-wider"])."""
+    return build_attention(
         "mla",
         dim=DIM,
         num_heads=HEADS,
         causal=True,
-        kv_lora_rank=12,
-        qk_nope_head_dim=6,
-        qk_rope_head_dim=4,
-        v_head_dim=14,
+        **WIDTHS["v-wider"],
         q_lora_rank=cfg["q_lora_rank"],
         attention_bias=cfg["bias"],
     )
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_parameter_names_and_shapes_are_hugging_faces(cfg):
+    widths = dict(kv_lora_rank=12, nope=6, rope=4, v=14)
+    layer = hf_sized_layer(cfg)
     got = {n: tuple(p.shape) for n, p in layer.named_parameters()}
     assert got == hf_shapes(DIM, HEADS, **widths, **cfg)
 
@@ -224,18 +226,7 @@ def test_forward_equals_hugging_faces(cfg):
     gives the same causal output (float32: its RMSNorm computes in float32)."""
     modeling, config, hf = _hf_attention(cfg["q_lora_rank"], cfg["bias"])
     torch.manual_seed(0)
-    layer = build_attention(
-        "mla",
-        dim=DIM,
-        num_heads=HEADS,
-        causal=True,
-        kv_lora_rank=12,
-        qk_nope_head_dim=6,
-        qk_rope_head_dim=4,
-        v_head_dim=14,
-        q_lora_rank=cfg["q_lora_rank"],
-        attention_bias=cfg["bias"],
-    ).eval()
+    layer = hf_sized_layer(cfg).eval()
     with torch.no_grad():
         for name, p in layer.named_parameters():
             p.copy_(torch.rand_like(p) + 0.5 if name.endswith("layernorm.weight") else p + 0.1 * torch.randn_like(p))
