@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo.kernels import linear_attn
-from attnzoo.layers.cross import aligned_causal_linear_attn, aligned_start
+from attnzoo.layers.cross import aligned_causal_linear_attn, query_start
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 
 
@@ -216,9 +216,8 @@ class CosFormer(Attention):
         source = context if self.cross else x
         S = source.shape[1]
         offset = 0 if cache is None else cache.position
-        query_offset = offset  # causal_cross: each query takes the position of the context it is aligned to
-        if self.causal and self.cross:
-            query_offset = aligned_start(T, S, context_seen=offset, name=self.name)
+        # causal_cross: each query takes the position of the context it is aligned to
+        query_offset = query_start(T, S, offset, causal=self.causal, cross=self.cross, name=self.name)
         q = F.relu(self.q_proj(x)).view(B, T, H, D)  # ReLU before the head split, elementwise: same thing
         k = F.relu(self.k_proj(source)).view(B, S, H, D)
         v = self.v_proj(source).view(B, S, H, D)

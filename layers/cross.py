@@ -61,6 +61,13 @@ def aligned_start(T: int, S: int, *, context_seen: int = 0, name: str = "causal_
     return start
 
 
+def query_start(T: int, S: int, offset: int, *, causal: bool, cross: bool, name: str) -> int:
+    """Absolute position of this call's first query: ``offset`` (the first new key's, i.e. the cache's length) in
+    self-attention and noncausal_cross, the bottom-right aligned context position (:func:`aligned_start`) in
+    causal_cross. The position RoPE rotates the first query by, and the causal mask's query offset."""
+    return aligned_start(T, S, context_seen=offset, name=name) if causal and cross else offset
+
+
 def rotate_from(rope: Callable[[Tensor, int], Tensor], x: Tensor, start: int) -> Tensor:
     """``rope(x, start)`` for positions ``start .. start + T - 1`` where ``start`` may be negative.
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo.layers.cross import aligned_start, rotate_from
+from attnzoo.layers.cross import query_start, rotate_from
 from attnzoo.layers.kv_cache import KVCache
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
@@ -151,9 +151,7 @@ class DifferentialAttention(Attention):
         k = self.k_proj(source).view(B, S, 2 * G, d)
         v = self.v_proj(source).view(B, S, G, 2 * d)
         offset = cache.length if cache is not None else 0  # keys before this call's first key
-        q_offset = offset
-        if self.causal and self.cross:
-            q_offset = aligned_start(T, S, context_seen=offset, name=self.name)
+        q_offset = query_start(T, S, offset, causal=self.causal, cross=self.cross, name=self.name)
         if self.rope is not None:
             q, k = rotate_from(self.rope, q, q_offset), self.rope(k, offset)
         key_mask = padding_mask

@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnzoo.layers.cross import aligned_start, rotate_from
+from attnzoo.layers.cross import query_start, rotate_from
 from attnzoo.layers.linear import LinearAttentionCache, feature_linear_attention
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
@@ -227,9 +227,7 @@ class HedgehogAttention(Attention):
         q, k = self.q_proj(x).view(B, T, H, D), self.k_proj(source).view(B, S, H, D)
         if self.rope is not None:  # positions as in softmax: the cache's offset, bottom-right in causal_cross
             offset = 0 if cache is None else cache.length
-            q_offset = (
-                aligned_start(T, S, context_seen=offset, name=self.name) if self.causal and self.cross else offset
-            )
+            q_offset = query_start(T, S, offset, causal=self.causal, cross=self.cross, name=self.name)
             q, k = rotate_from(self.rope, q, q_offset), self.rope(k, offset)
         q = self.feature_map_q(q, is_query=True)  # (B, T, H, 2F)
         k = self.feature_map_k(k)  # (B, S, H, 2F)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo.layers.cross import aligned_start, rotate_from
+from attnzoo.layers.cross import query_start, rotate_from
 from attnzoo.layers.kv_cache import KVCache
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
@@ -187,9 +187,7 @@ class MultiHeadLatentAttention(Attention):
         q = self.queries(x)  # (B, T, H, d_nope + d_rope)
         c_kv, k_pe = self.latents(source)  # (B, S, r), (B, S, 1, d_rope)
         offset = cache.length if cache is not None else 0  # keys before this call's first key
-        q_offset = offset
-        if self.causal and self.cross:
-            q_offset = aligned_start(T, S, context_seen=offset, name=self.name)
+        q_offset = query_start(T, S, offset, causal=self.causal, cross=self.cross, name=self.name)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q = torch.cat([q_nope, rotate_from(self.rope, q_pe, q_offset)], dim=-1)
         k_pe = self.rope(k_pe, offset)  # cached rotated, so a step never re-rotates old keys

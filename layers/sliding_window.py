@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attnzoo.layers.cross import aligned_start, rotate_from
+from attnzoo.layers.cross import query_start, rotate_from
 from attnzoo.layers.registry import Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
 from attnzoo.layers.sdpa import sdpa
@@ -112,7 +112,7 @@ class SlidingWindowAttention(Attention):
         v = self.v_proj(source).view(B, S, H, D)
         offset = 0 if cache is None else cache.length  # absolute position of the first new key
         # absolute position of the first query: the same as its key's in self-attention, bottom-right aligned in cross
-        q_start = aligned_start(T, S, context_seen=offset, name=self.name) if self.cross else offset
+        q_start = query_start(T, S, offset, causal=self.causal, cross=self.cross, name=self.name)
         if self.rope is not None:
             q, k = rotate_from(self.rope, q, q_start), self.rope(k, offset)
         key_mask, q_offset = padding_mask, q_start

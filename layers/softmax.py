@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from attnzoo.layers.cross import aligned_start, rotate_from
+from attnzoo.layers.cross import query_start, rotate_from
 from attnzoo.layers.kv_cache import KVCache
 from attnzoo.layers.registry import ALL_PATTERNS, Attention, register_attention
 from attnzoo.layers.rope import RotaryEmbedding
@@ -89,9 +89,7 @@ class SoftmaxAttention(Attention):
         """
         q, k = self.q_norm(q), self.k_norm(k)
         offset = cache.length if cache is not None else 0  # keys before this call's first key
-        q_offset = offset
-        if self.causal and self.cross:
-            q_offset = aligned_start(q.shape[1], k.shape[1], context_seen=offset, name=self.name)
+        q_offset = query_start(q.shape[1], k.shape[1], offset, causal=self.causal, cross=self.cross, name=self.name)
         if self.rope is not None:
             q, k = rotate_from(self.rope, q, q_offset), self.rope(k, offset)
         key_mask = padding_mask

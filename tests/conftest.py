@@ -11,6 +11,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 # Triton kernels run on this CPU-only machine through the interpreter; it must be on before triton is imported.
 if not torch.cuda.is_available():
@@ -69,3 +70,19 @@ def data_dir(tmp_path_factory):
 def cfg_train(tmp_path, data_dir) -> DictConfig:
     """The default training config, shrunk, writing into this test's tmp_path."""
     return shrink(compose_train(), tmp_path, data_dir)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the numel of the largest tensor any aten op produces while active (memory-shape tests: a banded
+    pattern must never build a T x T intermediate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out

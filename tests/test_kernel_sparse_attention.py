@@ -7,7 +7,7 @@ checked against a plain-Python predicate of the band, so a wrong ``mask_mod`` ca
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import LargestTensor
 
 from attnzoo.kernels.sparse_attention import (
     BlockPattern,
@@ -247,30 +247,15 @@ def test_dtypes_follow_the_values():
         torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_banded_cost_grows_with_window_not_with_t_squared():
     """No op of the torch lowering, forward or backward, produces a T x S tensor for a banded pattern."""
     T, window, bs = 4096, 64, 64
     q, k, v = (t.requires_grad_() for t in qkv(B=1, T=T, H=1, D=8, dtype=torch.float32))
     pattern = band_pattern(T, T, window - 1, 0, causal=True, block_size=bs)
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         sparse_attention(q, k, v, pattern, backend="torch").sum().backward()
-    assert probe.largest <= 3 * T * bs  # tiles of (T/bs) x bs x (2 bs) scores: 2 T bs, far below T^2 = 64 T bs
-    assert probe.largest < T * T // 16
+    assert probe.numel <= 3 * T * bs  # tiles of (T/bs) x bs x (2 bs) scores: 2 T bs, far below T^2 = 64 T bs
+    assert probe.numel < T * T // 16
 
 
 def test_band_kv_blocks_lists_only_what_the_band_needs():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import LargestTensor
 
 from attnzoo.kernels.sparse_attention import check_kv_blocks
 from attnzoo.layers import build_attention
@@ -433,21 +433,6 @@ def test_errors_are_clear():
         build_attention("neighborhood", dim=16, num_heads=2, causal=True, rel_pos_bias=True)
     with pytest.raises(ValueError, match="unknown backend 'flx'"):
         neighborhood_attention(q, k, v, kernel_size=3, backend="flx")
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any aten op produces while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
 
 
 @pytest.mark.parametrize(

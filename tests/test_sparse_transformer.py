@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import LargestTensor
 
 from attnzoo.kernels.sparse_attention import sparse_attention
 from attnzoo.layers import build_attention
@@ -146,21 +146,6 @@ def test_cpu_form_equals_flex_attention_lowering(mode, causal):
     for backend in ("reference", "flex"):
         ref = sparse_attention(q, k, v, pattern, key_mask=mask, backend=backend)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any aten op produces while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("mode,per_query", [("strided", 2 * 32 + 512 // 32), ("fixed", 32 + 512 // 32 * 4)])

@@ -122,13 +122,13 @@ def _parts(k: Tensor, v: Tensor, beta: Tensor, b: Tensor | None) -> _Parts:
 
 
 def _rows(x: Tensor) -> Tensor:
-    """(B, H, N, ...) -> (B*H, N, ...), a view of a contiguous chunked tensor."""
-    return x.view(x.shape[0] * x.shape[1], *x.shape[2:])
+    """(B, H, N, ...) -> (B*H, N, ...): the per-(batch, head) layout of the state passes (a view when contiguous)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def _gamma_last(p: _Parts) -> Tensor | None:
-    """(B*H, N, 1, 1) decay over each whole chunk, or None without a gate."""
-    return None if p.gamma is None else _rows(p.gamma[..., -1].contiguous())[..., None, None]
+    """(B*H, N) decay over each whole chunk, or None without a gate."""
+    return None if p.gamma is None else _rows(p.gamma[..., -1])
 
 
 class StatePasses:
@@ -142,6 +142,7 @@ class StatePasses:
         B, H, N, C, V = p.U.shape
         K = p.W.shape[-1]
         U, W, k_end_t, g_last = _rows(p.U), _rows(p.W), _rows(p.k_end).transpose(-1, -2), _gamma_last(p)
+        g_last = None if g_last is None else g_last[..., None, None]  # (B*H, N, 1, 1)
         S, u = U.new_empty(B * H, N, K, V), torch.empty_like(U)
         h = initial.reshape(B * H, K, V)
         for n in range(N):
@@ -159,6 +160,7 @@ class StatePasses:
         B, H, N, C, V = Pdo.shape
         K = p.W.shape[-1]
         Pdo_rows, qdo_rows, g_last = _rows(Pdo), _rows(qdo), _gamma_last(p)
+        g_last = None if g_last is None else g_last[..., None, None]
         W_t, k_end = _rows(p.W).transpose(-1, -2), _rows(p.k_end)
         after, du = qdo_rows.new_empty(B * H, N, K, V), torch.empty_like(Pdo_rows)
         a = dfinal.reshape(B * H, K, V)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnzoo.kernels.delta_rule.chunked import _ChunkedDeltaRule, _Parts
+from attnzoo.kernels.delta_rule.chunked import _ChunkedDeltaRule, _gamma_last, _Parts, _rows
 
 MAX_KEY_DIM = 256  # one [BK, BV] state tile holds a whole key row
 
@@ -104,14 +104,15 @@ def _tiles(K: int, V: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(K)), max(16, min(64, triton.next_power_of_2(V)))
 
 
-def _rows(x: Tensor) -> Tensor:
-    """(B, H, N, ...) -> contiguous (B*H, N, ...): the flat row layout the kernels index."""
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
+def _flat(x: Tensor) -> Tensor:
+    """The contiguous (B*H, N, ...) row layout the kernels index."""
+    return _rows(x).contiguous()
 
 
-def _gamma_last(p: _Parts, like: Tensor) -> Tensor:
+def _gamma_last_arg(p: _Parts, like: Tensor) -> Tensor:
     """(B*H, N) decay over each whole chunk, or a placeholder the ungated kernels never read."""
-    return like.new_empty(1) if p.gamma is None else _rows(p.gamma[..., -1])
+    g_last = _gamma_last(p)
+    return like.new_empty(1) if g_last is None else g_last.contiguous()
 
 
 class TritonStatePasses:
@@ -126,7 +127,7 @@ class TritonStatePasses:
         u = torch.empty_like(p.U)
         final = p.U.new_empty(B, H, K, V)
         _fwd_state_kernel[(triton.cdiv(V, BV), B * H)](
-            _rows(p.U), _rows(p.W), _rows(p.k_end), _gamma_last(p, p.U), initial.contiguous(), h, u, final, N,
+            _flat(p.U), _flat(p.W), _flat(p.k_end), _gamma_last_arg(p, p.U), initial.contiguous(), h, u, final, N,
             C=C, K=K, V=V, BK=BK, BV=BV, USE_H0=True, GATED=p.gamma is not None,
         )  # fmt: skip
         return h, u, final
@@ -141,7 +142,7 @@ class TritonStatePasses:
         dinitial = qdo.new_empty(B, H, K, V)
         use_dht = dfinal is not None
         _bwd_state_kernel[(triton.cdiv(V, BV), B * H)](
-            _rows(Pdo), _rows(qdo), _rows(p.W), _rows(p.k_end), _gamma_last(p, qdo),
+            _flat(Pdo), _flat(qdo), _flat(p.W), _flat(p.k_end), _gamma_last_arg(p, qdo),
             dfinal.contiguous() if use_dht else dinitial, after, du, dinitial, N,
             C=C, K=K, V=V, BK=BK, BV=BV, USE_DHT=use_dht, GATED=p.gamma is not None,
         )  # fmt: skip
